@@ -1,0 +1,1 @@
+"""Model definitions: torch modules, configs, checkpoint loading and sampling. Imports no ComfyUI."""

@@ -1,0 +1,238 @@
+"""Wan 2.1 diffusion transformer (DiT) over spacetime patches.
+
+Source: Wan-Video/Wan2.1 `wan/modules/model.py` (architecture and parameter names, which the original and
+ComfyUI-repackaged checkpoints use). Block: AdaLN modulation from the timestep -> self-attention with
+q/k RMSNorm and 3D RoPE -> cross-attention to text -> gated FFN. Precision policy: parameters in the load
+dtype; timestep embedding, modulation and norm statistics in fp32 (as Wan does).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from ..kernels import KernelBackend, get_backend
+from .layers import rope_3d_tables, sinusoidal_embedding
+
+
+@dataclass(frozen=True)
+class WanDiTConfig:
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    cross_attn_norm: bool = True
+    model_type: str = "t2v"  # "t2v" | "i2v": i2v adds image channels (in_dim 36) and CLIP image context
+    image_dim: int = 1280  # CLIP ViT-H feature size, used when model_type == "i2v"
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "WanDiTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"DiT config has unknown fields {unknown}; allowed: {sorted(known)}")
+        values = dict(data)
+        if "patch_size" in values:
+            values["patch_size"] = tuple(values["patch_size"])
+        return cls(**values)
+
+
+def _gelu_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, out_dim))
+
+
+class RMSNorm(nn.Module):
+    """Weighted RMSNorm; the kernel is chosen by the model's backend."""
+
+    def __init__(self, dim: int, eps: float, backend: KernelBackend):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self._rms_norm = backend.rms_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rms_norm(x, self.weight, self.eps)
+
+
+class WanAttention(nn.Module):
+    """Multi-head attention with q/k RMSNorm over all heads; self-attention when ``context`` is None."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, backend: KernelBackend):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps, backend)
+        self.norm_k = RMSNorm(dim, eps, backend)
+        self._attention = backend.attention
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        source = x if context is None else context  # [B, Sk, C]
+        q = rearrange(self.norm_q(self.q(x)), "b s (h d) -> b h s d", h=self.num_heads)  # [B,H,Sq,D]
+        k = rearrange(self.norm_k(self.k(source)), "b s (h d) -> b h s d", h=self.num_heads)  # [B,H,Sk,D]
+        v = rearrange(self.v(source), "b s (h d) -> b h s d", h=self.num_heads)  # [B,H,Sk,D]
+        out = self._attention(q, k, v, key_mask=key_mask, rope=rope)  # [B,H,Sq,D]
+        return self.o(rearrange(out, "b h s d -> b s (h d)"))  # [B,Sq,C]
+
+
+class WanBlock(nn.Module):
+    def __init__(self, config: WanDiTConfig, backend: KernelBackend):
+        super().__init__()
+        dim = config.dim
+        self.eps = config.eps
+        self.self_attn = WanAttention(dim, config.num_heads, config.eps, backend)
+        self.norm3 = (
+            nn.LayerNorm(dim, eps=config.eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
+        )
+        self.cross_attn = WanAttention(dim, config.num_heads, config.eps, backend)
+        self.ffn = _gelu_mlp(dim, config.ffn_dim, dim)
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self._modulate = backend.layer_norm_modulate
+        self._gated_residual = backend.gated_residual
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        time_mod: torch.Tensor,
+        context: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        context_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        # x [B,S,C]; time_mod [B,6,C] fp32; context [B,L,C]
+        mod = self.modulation.float() + time_mod  # [B,6,C]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unsqueeze(2).unbind(1)  # [B,1,C] each
+        y = self.self_attn(self._modulate(x, shift_msa, scale_msa, self.eps), rope=rope)  # [B,S,C]
+        x = self._gated_residual(x, y, gate_msa)  # [B,S,C]
+        x = x + self.cross_attn(self.norm3(x), context=context, key_mask=context_mask)  # [B,S,C]
+        y = self.ffn(self._modulate(x, shift_mlp, scale_mlp, self.eps))  # [B,S,C]
+        return self._gated_residual(x, y, gate_mlp)  # [B,S,C]
+
+
+class WanHead(nn.Module):
+    def __init__(self, config: WanDiTConfig, backend: KernelBackend):
+        super().__init__()
+        self.eps = config.eps
+        self.head = nn.Linear(config.dim, config.out_dim * math.prod(config.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
+        self._modulate = backend.layer_norm_modulate
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        # x [B,S,C]; time_emb [B,C] fp32
+        shift, scale = (self.modulation.float() + time_emb[:, None, :]).unsqueeze(2).unbind(1)  # [B,1,C] each
+        return self.head(self._modulate(x, shift, scale, self.eps))  # [B,S,pt*ph*pw*out]
+
+
+class WanDiT(nn.Module):
+    """Predicts the flow-matching velocity for latents ``[B, in_dim, F, H, W]`` at timesteps ``[B]``
+    (0..1000) given text context ``[B, L, text_dim]``."""
+
+    def __init__(self, config: WanDiTConfig, backend: KernelBackend | None = None):
+        super().__init__()
+        if config.model_type not in ("t2v", "i2v"):
+            raise ValueError(f"model_type must be 't2v' or 'i2v', got {config.model_type!r}")
+        if config.model_type == "i2v":
+            raise NotImplementedError(
+                "Wan image-to-video (I2V) DiTs are not supported yet (they need CLIP image conditioning); "
+                "use a text-to-video (T2V) model"
+            )
+        backend = backend or get_backend()
+        self.config = config
+        self.backend_name = backend.name
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.text_embedding = _gelu_mlp(config.text_dim, dim, dim)
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList(WanBlock(config, backend) for _ in range(config.num_layers))
+        self.head = WanHead(config, backend)
+
+    def init_weights(self, generator: torch.Generator | None = None, zero_head: bool = True) -> None:
+        """Wan's initialisation (Xavier for linears, zero biases, zero output head), seeded. ``zero_head=False``
+        keeps the head random, so an untrained model's prediction still depends on its inputs."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_in, fan_out = module.weight.shape[1], module.weight.shape[0]
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                with torch.no_grad():
+                    module.weight.uniform_(-bound, bound, generator=generator)
+                    module.bias.zero_()
+        with torch.no_grad():
+            flat = self.patch_embedding.weight.flatten(1)
+            bound = math.sqrt(6.0 / (flat.shape[0] + flat.shape[1]))
+            self.patch_embedding.weight.uniform_(-bound, bound, generator=generator)
+            self.patch_embedding.bias.zero_()
+            for block in self.blocks:
+                block.modulation.normal_(generator=generator).div_(self.config.dim**0.5)
+            self.head.modulation.normal_(generator=generator).div_(self.config.dim**0.5)
+            if zero_head:
+                self.head.head.weight.zero_()
+
+    def patch_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        _, _, frames, height, width = latent_shape
+        pt, ph, pw = self.config.patch_size
+        return frames // pt, height // ph, width // pw
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # latents [B,Cin,F,H,W]; timesteps [B]; context [B,L,text_dim]; context_mask [B,L] bool or None
+        cfg = self.config
+        dtype = self.patch_embedding.weight.dtype
+        grid = self.patch_grid(latents.shape)  # (F', H', W')
+        x = self.patch_embedding(latents.to(dtype))  # [B,C,F',H',W']
+        x = rearrange(x, "b c f h w -> b (f h w) c")  # [B,S,C]
+        time_emb = self.time_embedding(sinusoidal_embedding(timesteps, cfg.freq_dim).to(dtype)).float()  # [B,C]
+        time_mod = self.time_projection(time_emb.to(dtype)).float().unflatten(1, (6, cfg.dim))  # [B,6,C]
+        ctx = self.text_embedding(context.to(dtype))  # [B,L,C]
+        rope = rope_3d_tables(grid, cfg.head_dim, device=latents.device)  # ([S,D/2], [S,D/2])
+        for block in self.blocks:
+            x = block(x, time_mod, ctx, rope, context_mask)  # [B,S,C]
+        x = self.head(x, time_emb)  # [B,S,pt*ph*pw*Cout]
+        pt, ph, pw = cfg.patch_size
+        return rearrange(
+            x.float(),
+            "b (f h w) (p q r c) -> b c (f p) (h q) (w r)",
+            f=grid[0], h=grid[1], w=grid[2], p=pt, q=ph, r=pw,
+        )  # [B,Cout,F,H,W]
+
+
+# Published configs (Wan 2.1 `wan/configs/`, Wan 2.2 TI2V-5B) and the built-in tiny model's.
+DIT_PRESETS: dict[str, WanDiTConfig] = {
+    "wan2.1-t2v-1.3b": WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "wan2.1-t2v-14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "wan2.1-i2v-14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, model_type="i2v"),
+    "wan2.2-ti2v-5b": WanDiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
+    "builtin-tiny": WanDiTConfig(
+        dim=128, ffn_dim=384, freq_dim=64, text_dim=384, text_len=48, num_heads=4, num_layers=4
+    ),
+}
