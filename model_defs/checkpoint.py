@@ -1,0 +1,212 @@
+"""Reading model files (safetensors only), recognising what they hold, and building models from them.
+
+Models are built on the meta device and their parameters assigned straight from the file, so a
+checkpoint never needs twice its size in RAM. Pickle-based files (.pth/.pt/.ckpt/.bin) are refused.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..kernels import KernelBackend
+from .bundles import LatentFormat, SpacetimeModel
+from .wan_dit import DIT_PRESETS, WanDiT, WanDiTConfig
+from .fp8 import cast_for_compute, prepare_fp8
+from .wan_layouts import convert_diffusers_dit_state_dict
+from .wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig, convert_diffusers_vae_state_dict, detect_vae_config
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Keys that identify what a file holds, for error messages that say what a wrong file is.
+FAMILY_MARKERS = {
+    "Wan DiT": ("blocks.0.self_attn.q.weight", "head.head.weight"),
+    "Wan DiT (diffusers layout)": ("condition_embedder.time_embedder.linear_1.weight",),
+    "Wan VAE": ("encoder.conv1.weight", "decoder.conv1.weight"),
+    "Wan VAE (diffusers layout)": ("encoder.conv_in.weight", "quant_conv.weight"),
+    "umT5 text encoder": ("encoder.block.0.layer.0.SelfAttention.q.weight", "shared.weight"),
+    "Stable Diffusion UNet": ("input_blocks.0.0.weight",),
+    "Flux / MMDiT": ("double_blocks.0.img_attn.qkv.weight", "joint_blocks.0.x_block.attn.qkv.weight"),
+}
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used, with what was expected."""
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a .safetensors file, with clear errors for the usual mistakes."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path.name}: pickle-based files ({', '.join(PICKLE_SUFFIXES)}) are refused because loading them can "
+            "run arbitrary code. Download the .safetensors version of this model instead (e.g. from "
+            "Comfy-Org/Wan_2.1_ComfyUI_repackaged)."
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"Model file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device=device) as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated/garbled headers
+        raise CheckpointError(
+            f"{path.name} is not a readable .safetensors file (truncated download or another format?): {exc}. "
+            "Download it again."
+        ) from exc
+    return tensors, metadata
+
+
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Like ``read_safetensors``, but a shard named ``<stem>-0000i-of-0000n.safetensors`` (diffusers'
+    large transformers) brings all n shards of its set."""
+    path = Path(path)
+    shard = _SHARD.match(path.name)
+    if shard is None:
+        return read_safetensors(path)
+    count = int(shard["count"])
+    tensors, metadata = {}, {}
+    for index in range(1, count + 1):
+        part = path.with_name(f"{shard['stem']}-{index:05d}-of-{count:05d}.safetensors")
+        if not part.is_file():
+            raise CheckpointError(f"{path.name} is shard {int(shard['index'])} of {count}, but {part.name} is missing beside it")
+        part_tensors, part_metadata = read_safetensors(part)
+        tensors.update(part_tensors)
+        metadata.update(part_metadata)
+    return tensors, metadata
+
+
+def strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove a prefix shared by every key (ComfyUI's ``model.diffusion_model.`` and the like)."""
+    for prefix in PREFIXES:
+        if state_dict and all(key.startswith(prefix) for key in state_dict):
+            return {key[len(prefix):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def detect_family(state_dict: dict[str, torch.Tensor]) -> str | None:
+    for family, markers in FAMILY_MARKERS.items():
+        if any(marker in state_dict for marker in markers):
+            return family
+    return None
+
+
+def _wrong_family(name: str, expected: str, state_dict: dict) -> CheckpointError:
+    found = detect_family(state_dict)
+    what = f"it holds a {found}" if found else f"its keys are not a known layout (first keys: {sorted(state_dict)[:3]})"
+    return CheckpointError(f"{name} is not a {expected} checkpoint: {what}. Choose a {expected} file.")
+
+
+def _config_from_metadata(metadata: dict[str, str], key: str) -> dict | None:
+    raw = metadata.get(key)
+    return json.loads(raw) if raw else None
+
+
+def detect_dit_config(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> WanDiTConfig:
+    """The DiT config of a Wan state dict: from the file's metadata when it records one, else from shapes."""
+    stored = _config_from_metadata(metadata or {}, "spacetime_dit_config")
+    if stored is not None:
+        return WanDiTConfig.from_dict(stored)
+    patch_weight = state_dict["patch_embedding.weight"]  # [dim, in_dim, pt, ph, pw]
+    dim, in_dim = patch_weight.shape[:2]
+    patch = tuple(int(s) for s in patch_weight.shape[2:])
+    num_layers = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+    shapes = dict(
+        dim=dim,
+        in_dim=in_dim,
+        patch_size=patch,
+        num_layers=num_layers,
+        ffn_dim=state_dict["blocks.0.ffn.0.weight"].shape[0],
+        text_dim=state_dict["text_embedding.0.weight"].shape[1],
+        freq_dim=state_dict["time_embedding.0.weight"].shape[1],
+        out_dim=state_dict["head.head.weight"].shape[0] // math.prod(patch),
+        cross_attn_norm="blocks.0.norm3.weight" in state_dict,
+        model_type="i2v" if "img_emb.proj.0.weight" in state_dict else "t2v",
+    )
+    for preset in DIT_PRESETS.values():
+        if all(getattr(preset, name) == value for name, value in shapes.items()):
+            return preset
+    # Every published Wan model uses 128-dimensional heads; the head count is not visible in shapes.
+    return WanDiTConfig(num_heads=dim // 128, **shapes)
+
+
+def build_dit(
+    state_dict: dict[str, torch.Tensor], config: WanDiTConfig, dtype: torch.dtype, backend: KernelBackend, name: str
+) -> WanDiT:
+    with torch.device("meta"):
+        model = WanDiT(config, backend)
+    state_dict = prepare_fp8(model, state_dict)  # fp8-stored Linears stay fp8 (no-op otherwise)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{name} does not match the Wan DiT layout for config {config}: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}."
+        )
+    for key, tensor in expected.items():
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{name}: tensor {key} has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)}."
+            )
+    model.load_state_dict(cast_for_compute(state_dict, dtype), assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_vae(path: str | Path, dtype: torch.dtype) -> WanVAE:
+    """A Wan VAE from an original/ComfyUI or diffusers-layout safetensors file."""
+    name = Path(path).name
+    state_dict, metadata = read_safetensors(path)
+    state_dict = strip_prefix(state_dict)
+    family = detect_family(state_dict)
+    if family == "Wan VAE (diffusers layout)":
+        state_dict = convert_diffusers_vae_state_dict(state_dict)
+    elif family != "Wan VAE":
+        raise _wrong_family(name, "Wan VAE", state_dict)
+    stored = _config_from_metadata(metadata, "spacetime_vae_config")
+    config = WanVAEConfig.from_dict(stored) if stored is not None else detect_vae_config(state_dict)
+    with torch.device("meta"):
+        model = WanVAE(config)
+    try:
+        model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{name} does not match the Wan VAE layout: {exc}") from exc
+    return model.eval().requires_grad_(False)
+
+
+def latent_format_for(config: WanDiTConfig, metadata: dict[str, str], name: str) -> LatentFormat:
+    """The latent statistics a DiT was trained with: recorded in the file, or Wan 2.1's for 16 channels."""
+    stored = _config_from_metadata(metadata, "spacetime_latent_format")
+    if stored is not None:
+        return LatentFormat(int(stored["channels"]), tuple(stored["mean"]), tuple(stored["std"]))
+    if config.out_dim == VAE_PRESETS["wan2.1"].z_dim:
+        return LatentFormat.from_vae_config(VAE_PRESETS["wan2.1"])
+    raise CheckpointError(
+        f"{name} predicts {config.out_dim}-channel latents; only models for the Wan 2.1 VAE (16 channels) are "
+        "supported so far (Wan 2.2 TI2V-5B needs the Wan 2.2 VAE)."
+    )
+
+
+def load_model(path: str | Path, dtype: torch.dtype, backend: KernelBackend) -> SpacetimeModel:
+    """SPACETIME_MODEL from a Wan DiT file (original or ComfyUI layout)."""
+    name = Path(path).name
+    state_dict, metadata = read_checkpoint(path)
+    state_dict = strip_prefix(state_dict)
+    family = detect_family(state_dict)
+    if family == "Wan DiT (diffusers layout)":
+        state_dict = convert_diffusers_dit_state_dict(state_dict)
+    elif family != "Wan DiT":
+        raise _wrong_family(name, "Wan DiT (diffusion model)", state_dict)
+    config = detect_dit_config(state_dict, metadata)
+    dit = build_dit(state_dict, config, dtype, backend, name)
+    preset = next((key for key, value in DIT_PRESETS.items() if value == config), None)
+    return SpacetimeModel(dit, latent_format_for(config, metadata, name), name, preset)

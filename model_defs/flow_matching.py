@@ -1,0 +1,172 @@
+"""Flow-matching sampling as Wan ships it: rectified-flow noise levels with a timestep shift,
+classifier-free guidance with a negative prompt, and first/second-order solvers.
+
+Convention: ``x_sigma = (1 - sigma) * x0 + sigma * noise``; the model predicts the velocity
+``noise - x0`` at timestep ``1000 * sigma``. Sources: Esser et al. 2024 (SD3) for the shift
+``sigma' = shift*sigma / (1 + (shift-1)*sigma)``; Wan 2.1 `wan/text2video.py` for its use and its
+schedule (noise levels from 1 - 1/1000 down to 0); Zhao et al. 2023, "UniPC", for the multistep
+predictor-corrector (B(h) = e^h - 1 variant, data prediction, order 2), Wan's default solver.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+SOLVERS = ("unipc", "euler", "heun")
+NUM_TRAIN_TIMESTEPS = 1000
+FIRST_LEVEL_EPS = 1e-6
+
+# velocity_fn(x [B,C,F,H,W], timesteps [B]) -> velocity like x
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# step_callback(step_index, total_steps, current_x0_estimate) -> None; may raise to interrupt
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sampling_sigmas(steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
+    """``steps + 1`` descending noise levels ending at 0 (fp64). With ``denoise < 1`` the schedule is
+    that of ``round(steps / denoise)`` steps with only its last ``steps`` run (as ComfyUI does)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    total = max(steps, int(round(steps / denoise)))
+    # Wan's schedule (as diffusers runs it): levels evenly spaced from 1 to 1/1000 before the shift, the
+    # first one kept just below 1 so the log-SNR stays finite, then a final step to 0.
+    base = torch.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, total + 1, dtype=torch.float64)[:-1]
+    sigmas = shift_sigmas(base, shift)
+    sigmas[0] = min(float(sigmas[0]), 1.0 - FIRST_LEVEL_EPS)
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    return sigmas[-(steps + 1):]
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU from ``seed`` (fp32), so a seed gives the same video on every device."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def guided_velocity(
+    model_fn: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor], cfg: float
+) -> VelocityFn:
+    """Classifier-free guidance: ``v_neg + cfg * (v_pos - v_neg)``; the negative pass is skipped at cfg == 1.
+    ``model_fn(x, t, positive)`` evaluates the model under the positive or the negative conditioning."""
+
+    def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        v_pos = model_fn(x, timesteps, True)
+        if cfg == 1.0:
+            return v_pos
+        v_neg = model_fn(x, timesteps, False)
+        return v_neg + cfg * (v_pos - v_neg)
+
+    return velocity
+
+
+def sample(
+    velocity_fn: VelocityFn,
+    x0_start: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    solver: str = "euler",
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` starting at ``(1-s0)*x0_start + s0*noise``.
+    All tensors ``[B,C,F,H,W]`` fp32 on one device; returns the final sample (fp32)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"scheduler must be one of {list(SOLVERS)}, got {solver!r}")
+    sigma_start = float(sigmas[0])
+    x = (1.0 - sigma_start) * x0_start + sigma_start * noise  # [B,C,F,H,W]
+    if solver == "unipc":
+        return _sample_unipc(velocity_fn, x, sigmas, callback)
+    batch = x0_start.shape[0]
+    total = len(sigmas) - 1
+    for i in range(total):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        t = torch.full((batch,), sigma * NUM_TRAIN_TIMESTEPS, dtype=torch.float32, device=x.device)
+        v = velocity_fn(x, t)  # [B,C,F,H,W]
+        if solver == "heun" and sigma_next > 0:
+            x_euler = x + (sigma_next - sigma) * v
+            t_next = torch.full_like(t, sigma_next * NUM_TRAIN_TIMESTEPS)
+            v = 0.5 * (v + velocity_fn(x_euler, t_next))
+        x0_estimate = x - sigma * v
+        x = x + (sigma_next - sigma) * v
+        if callback is not None:
+            callback(i + 1, total, x0_estimate)
+    return x
+
+
+def _log_snr(sigma: float) -> float:
+    """lambda = log(alpha / sigma) with alpha = 1 - sigma (rectified flow); +inf at sigma = 0."""
+    return math.inf if sigma == 0.0 else math.log(1.0 - sigma) - math.log(sigma)
+
+
+def _unipc_coefficients(lambda_s: float, lambda_t: float) -> tuple[float, float]:
+    """``(h*phi_1, B(h))`` for the step from lambda_s to lambda_t in data prediction (both e^-h - 1)."""
+    hh = -(lambda_t - lambda_s)
+    value = math.expm1(hh)
+    return value, value
+
+
+def _unipc_corrector_rhos(order: int, lambda_prev: float, lambda_s: float, lambda_t: float) -> tuple[float, ...]:
+    """Weights of (older difference, newest difference) in UniC-``order`` (paper eq. for B(h) = e^h - 1)."""
+    if order == 1:
+        return (0.5,)
+    h = lambda_t - lambda_s
+    hh = -h
+    rk = (lambda_prev - lambda_s) / h
+    h_phi_1, b_h = _unipc_coefficients(lambda_s, lambda_t)
+    b1 = (h_phi_1 / hh - 1) / b_h
+    b2 = ((h_phi_1 / hh - 1) / hh - 0.5) * 2 / b_h
+    # solve [[1, 1], [rk, 1]] @ [rho_0, rho_1] = [b1, b2]
+    rho_0 = (b1 - b2) / (1 - rk)
+    return (rho_0, b1 - rho_0)
+
+
+def _sample_unipc(velocity_fn: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None) -> torch.Tensor:
+    """UniPC-2 (bh2) with the corrector after every model call but the last, and order 1 at the first and
+    last steps, as Wan and diffusers run it. One model call per step."""
+    sigma_list = [float(s) for s in sigmas]
+    lambdas = [_log_snr(s) for s in sigma_list]
+    total = len(sigma_list) - 1
+    batch = x.shape[0]
+    history: list[torch.Tensor] = []  # data predictions x0 of the previous steps, newest last
+    last_x: torch.Tensor | None = None
+    last_order = 0
+    for i in range(total):
+        sigma = sigma_list[i]
+        # Wan's UniPC (and diffusers') hands the model whole-number timesteps: int(1000 * sigma)
+        t = torch.full((batch,), float(int(sigma * NUM_TRAIN_TIMESTEPS)), dtype=torch.float32, device=x.device)
+        x0 = x - sigma * velocity_fn(x, t)  # data prediction at the (uncorrected) sample
+        if last_x is not None:  # UniC: correct x_i with the new prediction (no extra model call)
+            lam_prev = lambdas[i - 2] if last_order == 2 else 0.0
+            rhos = _unipc_corrector_rhos(last_order, lam_prev, lambdas[i - 1], lambdas[i])
+            h_phi_1, b_h = _unipc_coefficients(lambdas[i - 1], lambdas[i])
+            m0 = history[-1]
+            x = sigma / sigma_list[i - 1] * last_x - (1 - sigma) * h_phi_1 * m0
+            correction = rhos[-1] * (x0 - m0)
+            if last_order == 2:
+                rk = (lambdas[i - 2] - lambdas[i - 1]) / (lambdas[i] - lambdas[i - 1])
+                correction = correction + rhos[0] * (history[-2] - m0) / rk
+            x = x - (1 - sigma) * b_h * correction
+        history = (history + [x0])[-2:]
+        order = min(2, total - i, i + 1)
+        sigma_next = sigma_list[i + 1]
+        last_x = x
+        # UniP: predict x_{i+1}
+        h_phi_1, b_h = _unipc_coefficients(lambdas[i], lambdas[i + 1])
+        x_next = sigma_next / sigma * x - (1 - sigma_next) * h_phi_1 * x0
+        if order == 2:
+            rk = (lambdas[i - 1] - lambdas[i]) / (lambdas[i + 1] - lambdas[i])
+            x_next = x_next - (1 - sigma_next) * b_h * 0.5 * (history[-2] - x0) / rk
+        x = x_next
+        last_order = order
+        if callback is not None:
+            callback(i + 1, total, x0)
+    return x
