@@ -1,0 +1,29 @@
+"""ComfyUI nodes of the pack (V1 classes). Node ids are prefixed ``Spacetime`` to avoid clashes."""
+from .hub import SpacetimeHubDownload
+from .loaders import SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
+from .sampling import SpacetimeEmptyLatentVideo, SpacetimeSampler, SpacetimeTextEncode
+from .vae import SpacetimeVAEDecode, SpacetimeVAEEncode
+
+NODE_CLASS_MAPPINGS = {
+    "SpacetimeModelLoader": SpacetimeModelLoader,
+    "SpacetimeVAELoader": SpacetimeVAELoader,
+    "SpacetimeTextEncoderLoader": SpacetimeTextEncoderLoader,
+    "SpacetimeTextEncode": SpacetimeTextEncode,
+    "SpacetimeEmptyLatentVideo": SpacetimeEmptyLatentVideo,
+    "SpacetimeSampler": SpacetimeSampler,
+    "SpacetimeVAEDecode": SpacetimeVAEDecode,
+    "SpacetimeVAEEncode": SpacetimeVAEEncode,
+    "SpacetimeHubDownload": SpacetimeHubDownload,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "SpacetimeModelLoader": "Spacetime Load Diffusion Model",
+    "SpacetimeVAELoader": "Spacetime Load VAE",
+    "SpacetimeTextEncoderLoader": "Spacetime Load Text Encoder",
+    "SpacetimeTextEncode": "Spacetime Text Encode",
+    "SpacetimeEmptyLatentVideo": "Spacetime Empty Video Latent",
+    "SpacetimeSampler": "Spacetime Sampler",
+    "SpacetimeVAEDecode": "Spacetime VAE Decode",
+    "SpacetimeVAEEncode": "Spacetime VAE Encode",
+    "SpacetimeHubDownload": "Spacetime Download From Hub",
+}

@@ -1,0 +1,145 @@
+"""The one place that talks to the ComfyUI host, with plain fallbacks when it is absent.
+
+Inside ComfyUI: model folders come from ``folder_paths``, devices from ``comfy.model_management``,
+progress goes to ``comfy.utils.ProgressBar`` and every step checks for the user's interrupt. Outside
+it (the headless runner, tests): folders under ``$SPACETIME_MODELS_DIR`` (default ``./models``), the
+best local device, and a text progress bar on stderr. ComfyUI modules are imported lazily, here only.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+MODEL_EXTENSIONS = (".safetensors", ".sft")
+MODELS_DIR_ENV = "SPACETIME_MODELS_DIR"
+# ComfyUI folder names; the second name is an older alias ComfyUI also searches.
+FOLDER_ALIASES = {"diffusion_models": "unet", "text_encoders": "clip", "vae": None}
+
+
+def _comfy(module: str):
+    """A ComfyUI module, or None outside ComfyUI. Never imported at import time of the pack."""
+    if "comfy" not in sys.modules and "folder_paths" not in sys.modules:
+        return None  # not running inside ComfyUI: do not pick up an unrelated 'comfy' on sys.path
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def in_comfyui() -> bool:
+    return _comfy("folder_paths") is not None
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get(MODELS_DIR_ENV, "models")).expanduser()
+
+
+def list_model_files(folder: str) -> list[str]:
+    """Model files of a ComfyUI models folder (relative names, sorted)."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None:
+        return sorted(
+            name for name in folder_paths.get_filename_list(folder) if name.lower().endswith(MODEL_EXTENSIONS)
+        )
+    roots = [models_dir() / folder] + ([models_dir() / FOLDER_ALIASES[folder]] if FOLDER_ALIASES.get(folder) else [])
+    names = set()
+    for root in roots:
+        if root.is_dir():
+            names.update(
+                str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in MODEL_EXTENSIONS
+            )
+    return sorted(names)
+
+
+def download_folder(folder: str) -> Path:
+    """Where a downloaded file of ``folder`` goes: ComfyUI's first path for it, or ``models/<folder>``."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None:
+        return Path(folder_paths.get_folder_paths(folder)[0])
+    return models_dir() / folder
+
+
+def model_file_path(folder: str, name: str, input_name: str) -> Path:
+    """Full path of ``name`` in ``folder``; a clear error naming the input when it is missing."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None:
+        path = folder_paths.get_full_path(folder, name)
+        if path:
+            return Path(path)
+        where = ", ".join(folder_paths.get_folder_paths(folder))
+    else:
+        for root in (models_dir() / folder, models_dir() / (FOLDER_ALIASES.get(folder) or folder)):
+            if (root / name).is_file():
+                return root / name
+        where = str(models_dir() / folder)
+    available = list_model_files(folder)
+    raise FileNotFoundError(
+        f"{input_name}={name!r}: model file not found in the '{folder}' folder ({where}). "
+        f"Available: {available or 'none'}; put the file there or pick another."
+    )
+
+
+def torch_device(role: str = "diffusion") -> torch.device:
+    """Where a model of ``role`` ("diffusion", "vae", "text_encoder") runs."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        getter = {"vae": mm.vae_device, "text_encoder": mm.text_encoder_device}.get(role, mm.get_torch_device)
+        return getter()
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    mm = _comfy("comfy.model_management")
+    return mm.unet_offload_device() if mm is not None else torch.device("cpu")
+
+
+def prepare_on_device(module: torch.nn.Module, device: torch.device) -> None:
+    """Make room for and move ``module`` to ``device`` (ComfyUI frees memory of idle models first)."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        size = sum(p.numel() * p.element_size() for p in module.parameters())
+        mm.free_memory(size * 1.2, device)
+    module.to(device)
+
+
+def release(module: torch.nn.Module) -> None:
+    """Move ``module`` back to the offload device after use and tidy the cache."""
+    module.to(offload_device())
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.soft_empty_cache()
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed Cancel (no-op outside ComfyUI)."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """ComfyUI's ProgressBar inside ComfyUI; a text bar on stderr outside it."""
+
+    def __init__(self, total: int, label: str):
+        utils = _comfy("comfy.utils")
+        self._bar = utils.ProgressBar(total) if utils is not None else None
+        self.total = total
+        self.label = label
+
+    def update(self, done: int) -> None:
+        check_interrupt()
+        if self._bar is not None:
+            self._bar.update_absolute(done, self.total)
+            return
+        width = 30
+        filled = width * done // max(self.total, 1)
+        end = "\n" if done >= self.total else ""
+        print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}", end=end, file=sys.stderr, flush=True)

@@ -1,0 +1,54 @@
+"""Hub download node: repo id + file -> the right ComfyUI models folder (the only node that uses the network)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..model_defs.hub import download_file
+from . import comfy_glue
+
+FOLDERS = ["diffusion_models", "vae", "text_encoders"]
+
+
+class SpacetimeHubDownload:
+    DESCRIPTION = (
+        "Downloads one model file from the Hugging Face Hub into a ComfyUI models folder (resumable, verified by "
+        "size and sha256). Honours HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE. Refresh the browser afterwards to see it in the loaders."
+    )
+    CATEGORY = "spacetime/loaders"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("file_name",)
+    FUNCTION = "download"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "repo_id": ("STRING", {"default": "Comfy-Org/Wan_2.1_ComfyUI_repackaged", "tooltip": "owner/name on the Hub."}),
+                "filename": ("STRING", {"default": "split_files/vae/wan_2.1_vae.safetensors", "tooltip": "Path of the file inside the repo."}),
+                "folder": (FOLDERS, {"default": "vae", "tooltip": "The ComfyUI models folder to put it in."}),
+                "revision": ("STRING", {"default": "main", "tooltip": "Branch, tag or commit."}),
+            },
+            "optional": {
+                "subfolder": ("STRING", {"default": "", "tooltip": "A sub-folder of the models folder, e.g. umt5-xxl for the umT5 tokenizer files."}),
+            },
+        }
+
+    def download(self, repo_id: str, filename: str, folder: str, revision: str = "main", subfolder: str = ""):
+        if folder not in FOLDERS:
+            raise ValueError(f"folder={folder!r} is not allowed; allowed values: {FOLDERS}")
+        progress = None
+
+        def on_progress(done: int, total: int) -> None:
+            nonlocal progress
+            if total:
+                progress = progress or comfy_glue.Progress(total, f"downloading {filename}")
+                progress.update(done)
+
+        target = comfy_glue.download_folder(folder)
+        if subfolder.strip():
+            if ".." in Path(subfolder).parts or Path(subfolder).is_absolute():
+                raise ValueError(f"subfolder={subfolder!r} must be a relative folder inside {folder}, without '..'")
+            target = target / subfolder.strip()
+        path = download_file(repo_id, filename, target, revision or "main", on_progress)
+        return {"ui": {"text": [str(path)]}, "result": (path.name,)}

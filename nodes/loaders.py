@@ -1,0 +1,120 @@
+"""Loader nodes: diffusion model (DiT), VAE and text encoder, each offering the built-in model first."""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import get_backend
+from ..model_defs.builtin import (
+    BUILTIN_MODEL,
+    BUILTIN_TEXT_ENCODER,
+    BUILTIN_VAE,
+    builtin_model,
+    builtin_text_encoder,
+    builtin_vae,
+)
+from ..model_defs.bundles import SpacetimeTextEncoder, SpacetimeVAE
+from ..model_defs.checkpoint import DTYPES, load_model, load_vae
+from ..model_defs.umt5 import UMT5_TOKENIZER_DIR, UMT5TextEncoder
+from . import comfy_glue
+
+WEIGHT_DTYPES = ["default", *DTYPES]
+KERNEL_CHOICES = ["auto", "reference"]
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "default":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if choice not in DTYPES:
+        raise ValueError(f"weight_dtype={choice!r} is not allowed; allowed values: {WEIGHT_DTYPES}")
+    return DTYPES[choice]
+
+
+class SpacetimeModelLoader:
+    DESCRIPTION = "Loads a Wan diffusion transformer (original or ComfyUI layout) or the built-in tiny model."
+    CATEGORY = "spacetime/loaders"
+    RETURN_TYPES = ("SPACETIME_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (
+                    [BUILTIN_MODEL, *comfy_glue.list_model_files("diffusion_models")],
+                    {"tooltip": "A file from models/diffusion_models, or the built-in tiny model (runs on CPU)."},
+                ),
+                "weight_dtype": (WEIGHT_DTYPES, {"default": "default", "tooltip": "default: fp32 on CPU, bf16 on GPU."}),
+                "kernels": (
+                    KERNEL_CHOICES,
+                    {"default": "auto", "tooltip": "auto: fused Triton kernels on CUDA when they work; reference: plain PyTorch."},
+                ),
+            }
+        }
+
+    def load(self, model_name: str, weight_dtype: str = "default", kernels: str = "auto"):
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels={kernels!r} is not allowed; allowed values: {KERNEL_CHOICES}")
+        device = comfy_glue.torch_device("diffusion")
+        dtype = resolve_dtype(weight_dtype, device)
+        backend = get_backend(device, force_reference=kernels == "reference")
+        if model_name == BUILTIN_MODEL:
+            return (builtin_model(backend, dtype),)
+        path = comfy_glue.model_file_path("diffusion_models", model_name, "model_name")
+        return (load_model(path, dtype, backend),)
+
+
+class SpacetimeVAELoader:
+    DESCRIPTION = "Loads a Wan causal 3D VAE (original, ComfyUI or diffusers layout) or the built-in tiny VAE."
+    CATEGORY = "spacetime/loaders"
+    RETURN_TYPES = ("SPACETIME_VAE",)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae_name": (
+                    [BUILTIN_VAE, *comfy_glue.list_model_files("vae")],
+                    {"tooltip": "A file from models/vae (e.g. wan_2.1_vae.safetensors), or the built-in tiny VAE."},
+                ),
+                "weight_dtype": (WEIGHT_DTYPES, {"default": "default"}),
+            }
+        }
+
+    def load(self, vae_name: str, weight_dtype: str = "default"):
+        dtype = resolve_dtype(weight_dtype, comfy_glue.torch_device("vae"))
+        if vae_name == BUILTIN_VAE:
+            return (builtin_vae(dtype),)
+        path = comfy_glue.model_file_path("vae", vae_name, "vae_name")
+        return (SpacetimeVAE(load_vae(path, dtype), vae_name),)
+
+
+class SpacetimeTextEncoderLoader:
+    DESCRIPTION = "Loads the text encoder whose embeddings the model was trained on."
+    CATEGORY = "spacetime/loaders"
+    RETURN_TYPES = ("SPACETIME_TEXT_ENCODER",)
+    RETURN_NAMES = ("text_encoder",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder_name": (
+                    [BUILTIN_TEXT_ENCODER, *comfy_glue.list_model_files("text_encoders")],
+                    {"tooltip": "The built-in all-MiniLM-L6-v2 for the built-in model; umT5-XXL "
+                     "(umt5_xxl_fp16.safetensors, tokenizer files in text_encoders/umt5-xxl/) for Wan."},
+                ),
+                "weight_dtype": (WEIGHT_DTYPES, {"default": "default"}),
+            }
+        }
+
+    def load(self, text_encoder_name: str, weight_dtype: str = "default"):
+        device = comfy_glue.torch_device("text_encoder")
+        if text_encoder_name == BUILTIN_TEXT_ENCODER:
+            return (builtin_text_encoder(device),)
+        path = comfy_glue.model_file_path("text_encoders", text_encoder_name, "text_encoder_name")
+        encoder = UMT5TextEncoder(path, path.parent / UMT5_TOKENIZER_DIR, resolve_dtype(weight_dtype, device), device)
+        return (SpacetimeTextEncoder(encoder, encoder.name, encoder.dim, encoder.text_len),)
