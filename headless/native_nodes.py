@@ -1,0 +1,95 @@
+"""The few native ComfyUI nodes our shipped workflows use to save results, implemented for the
+headless runner with the same node ids, inputs and widget order as ComfyUI's, so one workflow file
+runs in both. (Inside ComfyUI these are never registered: ComfyUI's own run.)"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .video_io import next_output_path, write_mp4, write_webp
+
+WEBP_METHODS = {"default": 4, "fastest": 0, "slowest": 6}
+
+
+@dataclass(frozen=True, eq=False)
+class VideoFrames:
+    """VIDEO for the runner: frames plus frame rate (ComfyUI's VIDEO holds the same)."""
+
+    images: torch.Tensor
+    fps: float
+
+
+class SaveAnimatedWEBP:
+    CATEGORY = "image/animation"
+    RETURN_TYPES = ()
+    FUNCTION = "save_images"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE",),
+                "filename_prefix": ("STRING", {"default": "ComfyUI"}),
+                "fps": ("FLOAT", {"default": 6.0, "min": 0.01, "max": 1000.0, "step": 0.01}),
+                "lossless": ("BOOLEAN", {"default": True}),
+                "quality": ("INT", {"default": 80, "min": 0, "max": 100}),
+                "method": (list(WEBP_METHODS), {"default": "default"}),
+            }
+        }
+
+    def save_images(self, images, filename_prefix, fps, lossless, quality, method, output_dir: Path):
+        path = write_webp(images, next_output_path(output_dir, filename_prefix, "webp"), fps, lossless, quality, WEBP_METHODS[method])
+        return {"ui": {"files": [str(path)]}}
+
+
+class CreateVideo:
+    CATEGORY = "image/video"
+    RETURN_TYPES = ("VIDEO",)
+    FUNCTION = "create"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE",),
+                "fps": ("FLOAT", {"default": 30.0, "min": 1.0, "max": 120.0, "step": 1.0}),
+            },
+            "optional": {"audio": ("AUDIO",)},
+        }
+
+    def create(self, images, fps, audio=None):
+        if audio is not None:
+            raise ValueError("CreateVideo: the headless runner does not mux audio; disconnect the audio input")
+        return (VideoFrames(images, fps),)
+
+
+class SaveVideo:
+    CATEGORY = "image/video"
+    RETURN_TYPES = ()
+    FUNCTION = "save_video"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "video": ("VIDEO",),
+                "filename_prefix": ("STRING", {"default": "video/ComfyUI"}),
+                "format": (["auto", "mp4"], {"default": "auto"}),
+                "codec": (["auto", "h264"], {"default": "auto"}),
+            }
+        }
+
+    def save_video(self, video, filename_prefix, format, codec, output_dir: Path):
+        path = write_mp4(video.images, next_output_path(output_dir, filename_prefix, "mp4"), video.fps)
+        return {"ui": {"files": [str(path)]}}
+
+
+NATIVE_NODE_CLASS_MAPPINGS = {
+    "SaveAnimatedWEBP": SaveAnimatedWEBP,
+    "CreateVideo": CreateVideo,
+    "SaveVideo": SaveVideo,
+}

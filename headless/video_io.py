@@ -1,0 +1,77 @@
+"""Writing IMAGE frames ``[N,H,W,3]`` (0..1) as H.264 .mp4 (PyAV/FFmpeg) and animated .webp (Pillow).
+
+Files are written to a temporary name beside the target and renamed when complete, so a failure
+never leaves a half-written video behind.
+"""
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def frames_to_uint8(images: torch.Tensor) -> np.ndarray:
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be IMAGE frames [N,H,W,3], got shape {tuple(images.shape)}")
+    return (images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy())
+
+
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.partial")
+
+
+def write_mp4(images: torch.Tensor, path: Path, fps: float, crf: int = 19) -> Path:
+    """H.264 (yuv420p) .mp4; odd sizes are padded by one edge pixel, as yuv420p needs even sides."""
+    import av
+
+    frames = frames_to_uint8(images)
+    _, height, width, _ = frames.shape
+    pad_h, pad_w = height % 2, width % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    tmp = _atomic_target(path)
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height = width + pad_w, height + pad_h
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_webp(images: torch.Tensor, path: Path, fps: float, lossless: bool = True, quality: int = 80, method: int = 4) -> Path:
+    from PIL import Image
+
+    frames = [Image.fromarray(frame) for frame in frames_to_uint8(images)]
+    tmp = _atomic_target(path)
+    try:
+        frames[0].save(
+            tmp, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / fps),
+            loop=0, lossless=lossless, quality=quality, method=method,
+        )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def next_output_path(output_dir: Path, filename_prefix: str, extension: str) -> Path:
+    """ComfyUI-style ``<prefix>_00001_.<ext>`` numbering; the prefix may contain sub-folders."""
+    target = (output_dir / filename_prefix).resolve()
+    if output_dir.resolve() not in target.parents and target != output_dir.resolve():
+        raise ValueError(f"filename_prefix={filename_prefix!r} points outside the output folder {output_dir}")
+    folder, stem = target.parent, target.name
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = [p.name for p in folder.glob(f"{stem}_*_.{extension}")]
+    counter = 1 + max((int(n[len(stem) + 1:-len(extension) - 2]) for n in taken if n[len(stem) + 1:-len(extension) - 2].isdigit()), default=0)
+    return folder / f"{stem}_{counter:05d}_.{extension}"
