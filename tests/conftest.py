@@ -1,0 +1,57 @@
+"""Test set-up. The repo root is the package ComfyUI imports, under whatever name its folder has; the
+tests load it once as ``comfyui_spacetime`` (as run_workflow.py does) and keep pytest from importing
+it a second time under the folder's name."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "comfyui_spacetime"
+
+if PACKAGE not in sys.modules:
+    _spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[PACKAGE] = _module
+    _spec.loader.exec_module(_module)
+
+
+class _RootAsPlainDirectory:
+    """Collect the repo root as a plain directory: as a Package, pytest would import its ``__init__.py``
+    a second time under the folder's name (which need not even be a valid module name). Registered as a
+    plugin because a conftest's hooks only apply below its own folder."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if path == ROOT:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_RootAsPlainDirectory(), "spacetime-root-directory")
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    """An empty ComfyUI-style models folder used by the loaders outside ComfyUI."""
+    for folder in ("diffusion_models", "vae", "text_encoders"):
+        (tmp_path / "models" / folder).mkdir(parents=True)
+    monkeypatch.setenv("SPACETIME_MODELS_DIR", str(tmp_path / "models"))
+    return tmp_path / "models"
+
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A skipped test is not a pass: fail the run and say which."""
+    if _skipped and session.exitstatus == 0:
+        print(f"\n{len(_skipped)} test(s) skipped, which this suite treats as failures: {_skipped}")
+        session.exitstatus = 1

@@ -1,0 +1,69 @@
+"""Inside ComfyUI the glue uses ComfyUI's folders, progress bar and interrupt: simulated here with
+stand-in modules, since ComfyUI itself is not a test dependency."""
+import sys
+import types
+
+import pytest
+
+from comfyui_spacetime.nodes import comfy_glue
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_comfy(monkeypatch, tmp_path):
+    calls = {"progress": [], "interrupt_after": None, "checks": 0}
+    (tmp_path / "wan.safetensors").write_bytes(b"")
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            calls["progress"].append((value, total))
+
+    def throw_exception_if_processing_interrupted():
+        calls["checks"] += 1
+        if calls["interrupt_after"] is not None and calls["checks"] > calls["interrupt_after"]:
+            raise Interrupted()
+
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.get_filename_list = lambda folder: ["wan.safetensors", "notes.txt"] if folder == "diffusion_models" else []
+    folder_paths.get_full_path = lambda folder, name: str(tmp_path / name) if name == "wan.safetensors" else None
+    folder_paths.get_folder_paths = lambda folder: [str(tmp_path)]
+    comfy = types.ModuleType("comfy")
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = ProgressBar
+    mm = types.ModuleType("comfy.model_management")
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    for name, module in {"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils, "comfy.model_management": mm}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+def test_folders_come_from_comfyui(fake_comfy):
+    assert comfy_glue.in_comfyui()
+    assert comfy_glue.list_model_files("diffusion_models") == ["wan.safetensors"]
+    assert comfy_glue.model_file_path("diffusion_models", "wan.safetensors", "model_name").name == "wan.safetensors"
+    with pytest.raises(FileNotFoundError, match="model_name='gone.safetensors'.*Available: \\['wan.safetensors'\\]"):
+        comfy_glue.model_file_path("diffusion_models", "gone.safetensors", "model_name")
+
+
+def test_progress_and_interrupt_go_through_comfyui(fake_comfy):
+    progress = comfy_glue.Progress(5, "sampling")
+    progress.update(1)
+    progress.update(2)
+    assert fake_comfy["progress"] == [(1, 5), (2, 5)]
+    fake_comfy["interrupt_after"] = fake_comfy["checks"]
+    with pytest.raises(Interrupted):
+        progress.update(3)
+
+
+def test_without_comfyui_text_progress(capsys):
+    assert not comfy_glue.in_comfyui()
+    progress = comfy_glue.Progress(2, "decoding")
+    progress.update(1)
+    progress.update(2)
+    assert "decoding" in capsys.readouterr().err

@@ -1,0 +1,41 @@
+"""Flow-matching schedules and solvers."""
+import pytest
+import torch
+
+from comfyui_spacetime.model_defs.flow_matching import initial_noise, sample, sampling_sigmas, shift_sigmas
+
+
+def test_sigmas_shifted_descending_to_zero():
+    sigmas = sampling_sigmas(10, shift=5.0)
+    assert len(sigmas) == 11 and sigmas[0] == 1.0 - 1e-6 and sigmas[-1] == 0.0
+    assert torch.all(sigmas[1:] < sigmas[:-1])
+    base = 1 - 5 * (1 - 1 / 1000) / 10  # the 6th of 11 levels evenly spaced from 1 to 1/1000
+    torch.testing.assert_close(sigmas[5], torch.tensor(5 * base / (1 + 4 * base), dtype=torch.float64))
+
+
+def test_denoise_runs_the_tail_of_a_longer_schedule():
+    full = sampling_sigmas(20, 3.0)
+    part = sampling_sigmas(10, 3.0, denoise=0.5)
+    torch.testing.assert_close(part, full[10:])
+
+
+@pytest.mark.parametrize("steps, shift, denoise, match", [(0, 1.0, 1.0, "steps"), (4, 0.0, 1.0, "shift"), (4, 1.0, 0.0, "denoise"), (4, 1.0, 1.5, "denoise")])
+def test_bad_schedule_arguments(steps, shift, denoise, match):
+    with pytest.raises(ValueError, match=match):
+        sampling_sigmas(steps, shift, denoise)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_exact_velocity_reaches_the_data(solver):
+    # For a single data point x0 the ideal velocity along the straight path is (x - x0) / sigma.
+    x0 = torch.randn(1, 2, 1, 2, 2)
+    noise = initial_noise(tuple(x0.shape), seed=7)
+    velocity = lambda x, t: (x - x0) / (t[:, None, None, None, None] / 1000)
+    out = sample(velocity, torch.zeros_like(x0), noise, sampling_sigmas(6, 3.0), solver)
+    torch.testing.assert_close(out, x0, rtol=1e-5, atol=1e-5)
+
+
+def test_noise_depends_only_on_seed():
+    assert torch.equal(initial_noise((2, 3), 5), initial_noise((2, 3), 5))
+    assert not torch.equal(initial_noise((2, 3), 5), initial_noise((2, 3), 6))
+    assert torch.equal(shift_sigmas(torch.tensor([0.0, 1.0]), 7.0), torch.tensor([0.0, 1.0]))

@@ -1,0 +1,109 @@
+"""The pack imports without ComfyUI, GPU, triton or network, and every node is well formed."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comfyui_spacetime import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+ROOT = Path(__file__).resolve().parents[1]
+SOCKET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "LATENT", "MASK"}
+
+
+def test_import_needs_no_comfyui_triton_or_heavy_modules():
+    code = (
+        "import importlib.util, sys; "
+        f"spec = importlib.util.spec_from_file_location('pack', r'{ROOT / '__init__.py'}', submodule_search_locations=[r'{ROOT}']); "
+        "m = importlib.util.module_from_spec(spec); sys.modules['pack'] = m; spec.loader.exec_module(m); "
+        "print(len(m.NODE_CLASS_MAPPINGS)); "
+        "print(sorted(n for n in ('comfy', 'folder_paths', 'triton', 'transformers', 'diffusers') if n in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    count, loaded = out.stdout.strip().splitlines()
+    assert int(count) == len(NODE_CLASS_MAPPINGS) >= 8
+    assert loaded == "[]"
+
+
+def test_required_nodes_are_registered_with_display_names():
+    for node_id in (
+        "SpacetimeModelLoader", "SpacetimeVAELoader", "SpacetimeTextEncoderLoader", "SpacetimeTextEncode",
+        "SpacetimeEmptyLatentVideo", "SpacetimeSampler", "SpacetimeVAEDecode", "SpacetimeVAEEncode",
+    ):
+        assert node_id in NODE_CLASS_MAPPINGS
+        assert NODE_DISPLAY_NAME_MAPPINGS[node_id]
+    assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
+
+
+@pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
+def test_node_declaration_is_well_formed(node_id):
+    cls = NODE_CLASS_MAPPINGS[node_id]
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"} and "required" in spec
+    for section in spec.values():
+        for name, entry in section.items():
+            assert isinstance(name, str) and isinstance(entry, tuple) and 1 <= len(entry) <= 2, name
+            kind = entry[0]
+            options = entry[1] if len(entry) == 2 else {}
+            assert isinstance(options, dict)
+            if isinstance(kind, list):
+                assert kind and all(isinstance(v, str) for v in kind)
+                assert options.get("default", kind[0]) in kind
+            else:
+                assert kind in SOCKET_TYPES or kind.startswith("SPACETIME_"), kind
+            if kind in ("INT", "FLOAT") and "default" in options:
+                assert options.get("min", -float("inf")) <= options["default"] <= options.get("max", float("inf"))
+    assert isinstance(cls.RETURN_TYPES, tuple)
+    assert all(isinstance(t, str) for t in cls.RETURN_TYPES)
+    if hasattr(cls, "RETURN_NAMES"):
+        assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
+    assert callable(getattr(cls, cls.FUNCTION))
+    assert cls.CATEGORY.startswith("spacetime/")
+    # ComfyUI calls the function with keyword arguments named after the inputs
+    params = cls.__dict__[cls.FUNCTION].__code__.co_varnames
+    for section in ("required", "optional"):
+        for name in spec.get(section, {}):
+            assert name in params, f"{node_id}.{cls.FUNCTION} lacks parameter {name}"
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(level, module) of every import in a file; level > 0 for relative imports."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(0, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.level, node.module or ""))
+    return found
+
+
+def _resolve(path: Path, level: int, module: str) -> str:
+    """The top-level folder of the pack (or the external package) an import refers to."""
+    if level == 0:
+        return "external:" + module.split(".")[0]
+    base = path.parent.relative_to(ROOT).parts
+    parts = list(base[: len(base) - (level - 1)]) + [p for p in module.split(".") if p]
+    return parts[0] if parts else "<root>"
+
+
+@pytest.mark.parametrize("layer, forbidden", [
+    ("model_defs", {"nodes", "headless", "<root>", "external:comfy", "external:folder_paths", "external:comfy_extras"}),
+    ("kernels", {"nodes", "headless", "model_defs", "<root>", "external:comfy", "external:folder_paths"}),
+])
+def test_import_direction(layer, forbidden):
+    files = sorted((ROOT / layer).rglob("*.py"))
+    assert files
+    for path in files:
+        for level, module in _imports(path):
+            target = _resolve(path, level, module)
+            assert target not in forbidden, f"{path.relative_to(ROOT)} imports {module!r} (level {level}): {layer}/ may not"
+
+
+def test_only_glue_module_mentions_comfyui_packages():
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", ".venv") or rel == Path("nodes/comfy_glue.py"):
+            continue
+        for level, module in _imports(path):
+            assert not (level == 0 and module.split(".")[0] in ("comfy", "folder_paths", "comfy_extras")), rel
