@@ -16,7 +16,7 @@ from safetensors import safe_open
 from ..kernels import KernelBackend
 from .bundles import LatentFormat, SpacetimeModel
 from .wan_dit import DIT_PRESETS, WanDiT, WanDiTConfig
-from .fp8 import cast_for_compute, prepare_fp8
+from .fp8 import FP8_DTYPES, cast_for_compute, dequantize_fp8, prepare_fp8
 from .wan_layouts import convert_diffusers_dit_state_dict
 from .wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig, convert_diffusers_vae_state_dict, detect_vae_config
 
@@ -40,8 +40,10 @@ class CheckpointError(ValueError):
     """A model file that cannot be used, with what was expected."""
 
 
-def read_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a .safetensors file, with clear errors for the usual mistakes."""
+def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a .safetensors file, with clear errors for the usual mistakes.
+    With ``dtype``, floating-point tensors are cast one at a time as they are read (fp8 ones are kept),
+    so loading never holds the file in two precisions at once."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(
@@ -52,9 +54,14 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, t
     if not path.is_file():
         raise FileNotFoundError(f"Model file not found: {path}")
     try:
-        with safe_open(str(path), framework="pt", device=device) as handle:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {}
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype not in FP8_DTYPES:
+                    tensor = tensor.to(dtype)
+                tensors[key] = tensor
     except Exception as exc:  # safetensors raises its own error types for truncated/garbled headers
         raise CheckpointError(
             f"{path.name} is not a readable .safetensors file (truncated download or another format?): {exc}. "
@@ -66,20 +73,20 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, t
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Like ``read_safetensors``, but a shard named ``<stem>-0000i-of-0000n.safetensors`` (diffusers'
     large transformers) brings all n shards of its set."""
     path = Path(path)
     shard = _SHARD.match(path.name)
     if shard is None:
-        return read_safetensors(path)
+        return read_safetensors(path, dtype)
     count = int(shard["count"])
     tensors, metadata = {}, {}
     for index in range(1, count + 1):
         part = path.with_name(f"{shard['stem']}-{index:05d}-of-{count:05d}.safetensors")
         if not part.is_file():
             raise CheckpointError(f"{path.name} is shard {int(shard['index'])} of {count}, but {part.name} is missing beside it")
-        part_tensors, part_metadata = read_safetensors(part)
+        part_tensors, part_metadata = read_safetensors(part, dtype)
         tensors.update(part_tensors)
         metadata.update(part_metadata)
     return tensors, metadata
@@ -100,7 +107,7 @@ def detect_family(state_dict: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _wrong_family(name: str, expected: str, state_dict: dict) -> CheckpointError:
+def wrong_family_error(name: str, expected: str, state_dict: dict) -> CheckpointError:
     found = detect_family(state_dict)
     what = f"it holds a {found}" if found else f"its keys are not a known layout (first keys: {sorted(state_dict)[:3]})"
     return CheckpointError(f"{name} is not a {expected} checkpoint: {what}. Choose a {expected} file.")
@@ -165,19 +172,19 @@ def build_dit(
 def load_vae(path: str | Path, dtype: torch.dtype) -> WanVAE:
     """A Wan VAE from an original/ComfyUI or diffusers-layout safetensors file."""
     name = Path(path).name
-    state_dict, metadata = read_safetensors(path)
+    state_dict, metadata = read_checkpoint(path, dtype)
     state_dict = strip_prefix(state_dict)
     family = detect_family(state_dict)
     if family == "Wan VAE (diffusers layout)":
         state_dict = convert_diffusers_vae_state_dict(state_dict)
     elif family != "Wan VAE":
-        raise _wrong_family(name, "Wan VAE", state_dict)
+        raise wrong_family_error(name, "Wan VAE", state_dict)
     stored = _config_from_metadata(metadata, "spacetime_vae_config")
     config = WanVAEConfig.from_dict(stored) if stored is not None else detect_vae_config(state_dict)
     with torch.device("meta"):
         model = WanVAE(config)
     try:
-        model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, assign=True)
+        model.load_state_dict(dequantize_fp8(state_dict, dtype), assign=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{name} does not match the Wan VAE layout: {exc}") from exc
     return model.eval().requires_grad_(False)
@@ -199,13 +206,13 @@ def latent_format_for(config: WanDiTConfig, metadata: dict[str, str], name: str)
 def load_model(path: str | Path, dtype: torch.dtype, backend: KernelBackend) -> SpacetimeModel:
     """SPACETIME_MODEL from a Wan DiT file (original or ComfyUI layout)."""
     name = Path(path).name
-    state_dict, metadata = read_checkpoint(path)
+    state_dict, metadata = read_checkpoint(path, dtype)
     state_dict = strip_prefix(state_dict)
     family = detect_family(state_dict)
     if family == "Wan DiT (diffusers layout)":
         state_dict = convert_diffusers_dit_state_dict(state_dict)
     elif family != "Wan DiT":
-        raise _wrong_family(name, "Wan DiT (diffusion model)", state_dict)
+        raise wrong_family_error(name, "Wan DiT (diffusion model)", state_dict)
     config = detect_dit_config(state_dict, metadata)
     dit = build_dit(state_dict, config, dtype, backend, name)
     preset = next((key for key, value in DIT_PRESETS.items() if value == config), None)

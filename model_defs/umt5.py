@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, _wrong_family, detect_family, read_checkpoint, strip_prefix
+from .checkpoint import CheckpointError, wrong_family_error, detect_family, read_checkpoint, strip_prefix
 from .fp8 import dequantize_fp8
 from .text_encoders import EncodedText, encode_prompts
 
@@ -57,10 +57,10 @@ class UMT5TextEncoder:
 
         weights, tokenizer_dir = Path(weights), Path(tokenizer_dir)
         check_tokenizer_dir(tokenizer_dir)
-        state_dict, _ = read_checkpoint(weights)
+        state_dict, _ = read_checkpoint(weights, dtype)
         state_dict = strip_prefix(state_dict)
         if detect_family(state_dict) != "umT5 text encoder":
-            raise _wrong_family(weights.name, "umT5 text encoder", state_dict)
+            raise wrong_family_error(weights.name, "umT5 text encoder", state_dict)
         state_dict = dequantize_fp8(state_dict, dtype)  # also drops ComfyUI's fp8 scale entries
         state_dict.setdefault("encoder.embed_tokens.weight", state_dict["shared.weight"])  # tied in the model
         config = _config_from_state_dict(state_dict)

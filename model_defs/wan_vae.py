@@ -309,13 +309,19 @@ class WanVAE(nn.Module):
         cache = FeatureCache()
         x = self.conv2(latent)
         chunks = latent.shape[2]
-        outputs = []
+        video = None  # filled chunk by chunk: no list of pieces and no concatenated copy
+        done = 0
         for i in range(chunks):
             cache.start_chunk()
-            outputs.append(self.decoder(x[:, :, i: i + 1], cache).clamp_(-1.0, 1.0))
+            piece = self.decoder(x[:, :, i: i + 1], cache).clamp_(-1.0, 1.0)  # 1 frame first, then tf frames
+            if video is None:
+                frames = 1 + (chunks - 1) * self.config.temporal_factor
+                video = piece.new_empty(piece.shape[0], piece.shape[1], frames, *piece.shape[3:])
+            video[:, :, done: done + piece.shape[2]] = piece
+            done += piece.shape[2]
             if on_chunk is not None:
                 on_chunk(i + 1, chunks)
-        return torch.cat(outputs, dim=2)
+        return video
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.config.z_dim, 1, 1, 1)
