@@ -6,6 +6,8 @@ videos are not meaningful pictures. The text encoder is the real all-MiniLM-L6-v
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..kernels import KernelBackend
@@ -19,6 +21,7 @@ BUILTIN_VAE = "spacetime-builtin-tiny-vae"
 BUILTIN_TEXT_ENCODER = f"{MINILM_NAME} (built-in)"
 BUILTIN_DIT_PRESET = "builtin-tiny"
 BUILTIN_VAE_PRESET = "tiny"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "builtin_weights"
 _DIT_SEED = 20261124
 _VAE_SEED = 20261125
 

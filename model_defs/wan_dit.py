@@ -233,6 +233,6 @@ DIT_PRESETS: dict[str, WanDiTConfig] = {
     "wan2.1-i2v-14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, model_type="i2v"),
     "wan2.2-ti2v-5b": WanDiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
     "builtin-tiny": WanDiTConfig(
-        dim=128, ffn_dim=384, freq_dim=64, text_dim=384, text_len=48, num_heads=4, num_layers=4
+        dim=192, ffn_dim=512, freq_dim=64, text_dim=384, text_len=32, num_heads=3, num_layers=6
     ),
 }

@@ -305,7 +305,8 @@ class WanVAE(nn.Module):
         mean, _log_var = self.conv1(torch.cat(outputs, dim=2)).chunk(2, dim=1)
         return mean
 
-    def decode(self, latent: torch.Tensor, on_chunk: ChunkCallback | None = None) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, on_chunk: ChunkCallback | None = None, clamp: bool = True) -> torch.Tensor:
+        """``clamp=False`` keeps gradients of out-of-range pixels (training)."""
         cache = FeatureCache()
         x = self.conv2(latent)
         chunks = latent.shape[2]
@@ -313,7 +314,9 @@ class WanVAE(nn.Module):
         done = 0
         for i in range(chunks):
             cache.start_chunk()
-            piece = self.decoder(x[:, :, i: i + 1], cache).clamp_(-1.0, 1.0)  # 1 frame first, then tf frames
+            piece = self.decoder(x[:, :, i: i + 1], cache)  # 1 frame first, then tf frames
+            if clamp:
+                piece = piece.clamp(-1.0, 1.0)
             if video is None:
                 frames = 1 + (chunks - 1) * self.config.temporal_factor
                 video = piece.new_empty(piece.shape[0], piece.shape[1], frames, *piece.shape[3:])
@@ -340,7 +343,7 @@ class WanVAE(nn.Module):
 
 VAE_PRESETS: dict[str, WanVAEConfig] = {
     "wan2.1": WanVAEConfig(),
-    "tiny": WanVAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16),
+    "tiny": WanVAEConfig(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16),
 }
 
 
