@@ -88,8 +88,10 @@ def _resolve(path: Path, level: int, module: str) -> str:
 
 
 @pytest.mark.parametrize("layer, forbidden", [
-    ("model_defs", {"nodes", "headless", "<root>", "external:comfy", "external:folder_paths", "external:comfy_extras"}),
-    ("kernels", {"nodes", "headless", "model_defs", "<root>", "external:comfy", "external:folder_paths"}),
+    ("model_defs", {"nodes", "headless", "training", "<root>", "external:comfy", "external:folder_paths", "external:comfy_extras"}),
+    ("kernels", {"nodes", "headless", "model_defs", "training", "<root>", "external:comfy", "external:folder_paths"}),
+    ("nodes", {"headless", "training", "<root>"}),
+    ("training", {"nodes", "headless", "<root>", "external:comfy", "external:folder_paths"}),
 ])
 def test_import_direction(layer, forbidden):
     files = sorted((ROOT / layer).rglob("*.py"))

@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Train the built-in tiny model: python train_builtin.py [--vae-minutes 35] [--dit-minutes 45] [--seed 0]"""
+from spacetime_bootstrap import load_package
+
+if __name__ == "__main__":
+    load_package()
+    from comfyui_spacetime.training.train_builtin import main
+
+    main()
