@@ -16,11 +16,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import importlib.util, json, resource, sys, time
+import json, resource, sys, time
 import torch
 root, k, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-spec = importlib.util.spec_from_file_location("pack", root + "/model_defs/wan_vae.py")
-wan_vae = importlib.util.module_from_spec(spec); sys.modules["pack"] = wan_vae; spec.loader.exec_module(wan_vae)
+sys.path.insert(0, root)
+from spacetime_bootstrap import load_package
+load_package()
+from comfyui_spacetime.model_defs import wan_vae
 torch.set_num_threads(2)
 torch.manual_seed(0)
 vae = wan_vae.WanVAE(wan_vae.VAE_PRESETS["wan2.1"]).eval()

@@ -169,16 +169,23 @@ def build_dit(
     return model.eval().requires_grad_(False)
 
 
+def read_family(path: str | Path, dtype: torch.dtype, family: str, expected: str, convert_diffusers) -> tuple[dict, dict]:
+    """State dict and metadata of a file that must hold ``family`` (original/ComfyUI names, prefix
+    stripped); a diffusers-layout file of that family is converted, anything else is refused."""
+    state_dict, metadata = read_checkpoint(path, dtype)
+    state_dict = strip_prefix(state_dict)
+    found = detect_family(state_dict)
+    if found == f"{family} (diffusers layout)":
+        return convert_diffusers(state_dict), metadata
+    if found != family:
+        raise wrong_family_error(Path(path).name, expected, state_dict)
+    return state_dict, metadata
+
+
 def load_vae(path: str | Path, dtype: torch.dtype) -> WanVAE:
     """A Wan VAE from an original/ComfyUI or diffusers-layout safetensors file."""
     name = Path(path).name
-    state_dict, metadata = read_checkpoint(path, dtype)
-    state_dict = strip_prefix(state_dict)
-    family = detect_family(state_dict)
-    if family == "Wan VAE (diffusers layout)":
-        state_dict = convert_diffusers_vae_state_dict(state_dict)
-    elif family != "Wan VAE":
-        raise wrong_family_error(name, "Wan VAE", state_dict)
+    state_dict, metadata = read_family(path, dtype, "Wan VAE", "Wan VAE", convert_diffusers_vae_state_dict)
     stored = _config_from_metadata(metadata, "spacetime_vae_config")
     config = WanVAEConfig.from_dict(stored) if stored is not None else detect_vae_config(state_dict)
     with torch.device("meta"):
@@ -206,13 +213,7 @@ def latent_format_for(config: WanDiTConfig, metadata: dict[str, str], name: str)
 def load_model(path: str | Path, dtype: torch.dtype, backend: KernelBackend) -> SpacetimeModel:
     """SPACETIME_MODEL from a Wan DiT file (original or ComfyUI layout)."""
     name = Path(path).name
-    state_dict, metadata = read_checkpoint(path, dtype)
-    state_dict = strip_prefix(state_dict)
-    family = detect_family(state_dict)
-    if family == "Wan DiT (diffusers layout)":
-        state_dict = convert_diffusers_dit_state_dict(state_dict)
-    elif family != "Wan DiT":
-        raise wrong_family_error(name, "Wan DiT (diffusion model)", state_dict)
+    state_dict, metadata = read_family(path, dtype, "Wan DiT", "Wan DiT (diffusion model)", convert_diffusers_dit_state_dict)
     config = detect_dit_config(state_dict, metadata)
     dit = build_dit(state_dict, config, dtype, backend, name)
     preset = next((key for key, value in DIT_PRESETS.items() if value == config), None)

@@ -5,7 +5,19 @@ rotary dimensions between time, height and width; RoFormer (Su et al., 2021) for
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+
+
+def config_from_dict(cls, data: dict):
+    """A frozen config dataclass from its ``asdict`` form (JSON turns tuples into lists; unknown keys are
+    an error naming the allowed ones)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no fields {unknown}; allowed: {sorted(fields)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def sinusoidal_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..kernels import KernelBackend, get_backend
-from .layers import rope_3d_tables, sinusoidal_embedding
+from .layers import config_from_dict, rope_3d_tables, sinusoidal_embedding
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,7 @@ class WanDiTConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "WanDiTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"DiT config has unknown fields {unknown}; allowed: {sorted(known)}")
-        values = dict(data)
-        if "patch_size" in values:
-            values["patch_size"] = tuple(values["patch_size"])
-        return cls(**values)
+        return config_from_dict(cls, data)
 
 
 def _gelu_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from .layers import config_from_dict
+
 CACHE_FRAMES = 2  # a 3-tap causal conv needs the previous two frames
 WAN21_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -55,12 +57,7 @@ class WanVAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "WanVAEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"VAE config has unknown fields {unknown}; allowed: {sorted(known)}")
-        tuples = ("dim_mult", "attn_scales", "temporal_downsample", "latents_mean", "latents_std")
-        return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+        return config_from_dict(cls, data)
 
 
 class FeatureCache:
