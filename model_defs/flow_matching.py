@@ -54,16 +54,19 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def guided_velocity(
-    model_fn: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor], cfg: float
+    model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    cfg: float,
 ) -> VelocityFn:
-    """Classifier-free guidance: ``v_neg + cfg * (v_pos - v_neg)``; the negative pass is skipped at cfg == 1.
-    ``model_fn(x, t, positive)`` evaluates the model under the positive or the negative conditioning."""
+    """Classifier-free guidance ``v_neg + cfg * (v_pos - v_neg)`` with both passes in one batch of 2B;
+    at cfg == 1 only the positive pass runs. ``model_fn(x, t, context)``; contexts ``[B, L, D]``."""
+    both = torch.cat([positive, negative])
 
     def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        v_pos = model_fn(x, timesteps, True)
         if cfg == 1.0:
-            return v_pos
-        v_neg = model_fn(x, timesteps, False)
+            return model_fn(x, timesteps, positive)
+        v_pos, v_neg = model_fn(torch.cat([x, x]), torch.cat([timesteps, timesteps]), both).chunk(2)
         return v_neg + cfg * (v_pos - v_neg)
 
     return velocity

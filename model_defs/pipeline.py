@@ -105,13 +105,10 @@ def generate(
     pos_ctx = _context(positive, "positive", model, batch, device, dtype)
     neg_ctx = _context(negative, "negative", model, batch, device, dtype)
 
-    def model_fn(x: torch.Tensor, t: torch.Tensor, use_positive: bool) -> torch.Tensor:
-        return model.dit(x, t, pos_ctx if use_positive else neg_ctx)
-
     x0_start = model.latent_format.normalize(latent.float()).to(device)
     noise = initial_noise(tuple(latent.shape), seed).to(device)
     with torch.inference_mode():
-        result = sample(guided_velocity(model_fn, cfg), x0_start, noise, sigmas, scheduler, on_step)
+        result = sample(guided_velocity(model.dit, pos_ctx, neg_ctx, cfg), x0_start, noise, sigmas, scheduler, on_step)
     return model.latent_format.denormalize(result).float().cpu()
 
 

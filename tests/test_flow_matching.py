@@ -39,3 +39,19 @@ def test_noise_depends_only_on_seed():
     assert torch.equal(initial_noise((2, 3), 5), initial_noise((2, 3), 5))
     assert not torch.equal(initial_noise((2, 3), 5), initial_noise((2, 3), 6))
     assert torch.equal(shift_sigmas(torch.tensor([0.0, 1.0]), 7.0), torch.tensor([0.0, 1.0]))
+
+
+def test_guidance_batches_both_passes_and_skips_the_negative_at_cfg_1():
+    from comfyui_spacetime.model_defs.flow_matching import guided_velocity
+
+    calls = []
+
+    def model(x, t, context):
+        calls.append(x.shape[0])
+        return x * context.mean(dim=(1, 2))[:, None, None, None, None]
+
+    x, t = torch.randn(2, 3, 1, 2, 2), torch.tensor([500.0, 500.0])
+    pos, neg = torch.full((2, 4, 5), 3.0), torch.full((2, 4, 5), 1.0)
+    torch.testing.assert_close(guided_velocity(model, pos, neg, 4.0)(x, t), x * (1 + 4.0 * (3 - 1)))
+    torch.testing.assert_close(guided_velocity(model, pos, neg, 1.0)(x, t), x * 3)
+    assert calls == [4, 2]
