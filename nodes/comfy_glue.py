@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -101,21 +102,39 @@ def offload_device() -> torch.device:
     return mm.unet_offload_device() if mm is not None else torch.device("cpu")
 
 
+_PATCHERS: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+class _Managed(torch.nn.Module):
+    """What ComfyUI's ModelPatcher manages: a plain holder, because the patcher writes attributes such as
+    ``device`` on its model, which transformers' models expose read-only."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+
 def prepare_on_device(module: torch.nn.Module, device: torch.device) -> None:
-    """Make room for and move ``module`` to ``device`` (ComfyUI frees memory of idle models first)."""
-    mm = _comfy("comfy.model_management")
-    if mm is not None:
-        size = sum(p.numel() * p.element_size() for p in module.parameters())
-        mm.free_memory(size * 1.2, device)
+    """Put ``module`` on ``device``. Inside ComfyUI it is wrapped (once) in a ``ModelPatcher`` and loaded
+    with ``load_models_gpu``, so ComfyUI frees room for it and can evict it like its own models."""
+    mm, patcher_module = _comfy("comfy.model_management"), _comfy("comfy.model_patcher")
+    if mm is not None and patcher_module is not None:
+        patcher = _PATCHERS.get(module)
+        if patcher is None:
+            holder = type(type(module).__name__, (_Managed,), {})(module)  # ComfyUI logs the class name
+            patcher = patcher_module.ModelPatcher(holder, load_device=device, offload_device=offload_device())
+            _PATCHERS[module] = patcher
+        mm.load_models_gpu([patcher], force_full_load=True)
+        return
     module.to(device)
 
 
 def release(module: torch.nn.Module) -> None:
-    """Move ``module`` back to the offload device after use and tidy the cache."""
+    """After use: inside ComfyUI the model stays loaded until ComfyUI needs the room; outside it goes back
+    to the CPU so the next model has the GPU to itself."""
+    if _comfy("comfy.model_management") is not None:
+        return
     module.to(offload_device())
-    mm = _comfy("comfy.model_management")
-    if mm is not None:
-        mm.soft_empty_cache()
 
 
 def check_interrupt() -> None:

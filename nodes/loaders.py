@@ -112,9 +112,10 @@ class SpacetimeTextEncoderLoader:
         }
 
     def load(self, text_encoder_name: str, weight_dtype: str = "default"):
-        device = comfy_glue.torch_device("text_encoder")
+        # built on the offload device; Text Encode moves it to the text-encoder device while it runs
         if text_encoder_name == BUILTIN_TEXT_ENCODER:
-            return (builtin_text_encoder(device),)
+            return (builtin_text_encoder(comfy_glue.offload_device()),)
         path = comfy_glue.model_file_path("text_encoders", text_encoder_name, "text_encoder_name")
-        encoder = UMT5TextEncoder(path, path.parent / UMT5_TOKENIZER_DIR, resolve_dtype(weight_dtype, device), device)
+        dtype = resolve_dtype(weight_dtype, comfy_glue.torch_device("text_encoder"))
+        encoder = UMT5TextEncoder(path, path.parent / UMT5_TOKENIZER_DIR, dtype, comfy_glue.offload_device())
         return (SpacetimeTextEncoder(encoder, encoder.name, encoder.dim, encoder.text_len),)

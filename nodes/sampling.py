@@ -26,7 +26,12 @@ class SpacetimeTextEncode:
         }
 
     def encode(self, text_encoder, text: str):
-        encoded = text_encoder.encoder.encode([text], text_encoder.text_len)
+        model = text_encoder.encoder.model
+        comfy_glue.prepare_on_device(model, comfy_glue.torch_device("text_encoder"))
+        try:
+            encoded = text_encoder.encoder.encode([text], text_encoder.text_len)
+        finally:
+            comfy_glue.release(model)
         return (SpacetimeConditioning(encoded, text_encoder.name),)
 
 
