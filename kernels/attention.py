@@ -3,14 +3,48 @@
 Shapes: q ``[B, H, Sq, D]``, k/v ``[B, H, Sk, D]``; ``key_mask`` ``[B, Sk]`` bool (True = attend);
 ``rope`` a pair ``(cos, sin)`` of ``[Sq, D/2]`` tables applied to consecutive pairs (x[2i], x[2i+1]) of
 q and k (Wan's complex-number layout; requires Sq == Sk). Accumulation is fp32; output has q's dtype.
+The packed variable-length form (``[total, H, D]`` with ``cu_seqlens``) is in ``attention_varlen.py``
+and runs the same kernel.
 
-This file holds the pure-PyTorch reference ``attention_ref`` (the CPU path, the test oracle and the
-benchmark baseline). The fused Triton kernel is added beside it by the Triton hot-path issue.
+The Triton kernel is a FlashAttention-2 style forward (Dao 2023; Triton tutorial 06-fused-attention):
+one program per (query block, batch x head) streams key/value blocks through an online softmax, so
+the Sq x Sk score matrix never exists in memory. Fused in:
+- RoPE: q and k are loaded as their even and odd halves, rotated in fp32 registers with the per-token
+  (cos, sin) rows, and the score is ``q_even.k_even + q_odd.k_odd`` (two dots of width D/2, the same
+  flops as one of width D): rotated q/k never round-trip through memory, nothing is re-interleaved.
+- Key mask and ragged lengths: masked or out-of-range keys score -inf; a query row with no key to
+  attend returns zeros, as torch SDPA (the reference) does.
+- Packing: with ``cu_seqlens`` each program finds its sequence's start and length, so sequences never
+  attend across each other and no work is spent on padding.
+Limits: head dim 64 or 128 (others go to ``attention_ref``); fp16/bf16 (tensor-core dots, fp32
+accumulation) and fp32 (IEEE dots: accepted, not fast); q, k, v of one dtype; head dim unit-stride;
+non-causal; forward only (no autograd).
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
+
+from ._triton import (
+    autotuned,
+    can_launch,
+    cdiv,
+    dtype_supported,
+    interpreting,
+    jit,
+    launchable,
+    load_triton,
+    next_power_of_2,
+    register_op,
+    require_triton,
+    tl,
+)
+
+HEAD_DIMS = (64, 128)
+INTERPRET_BLOCK = 16  # the interpreter's fixed tile: small, so CPU tests stay fast
 
 
 def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -39,3 +73,329 @@ def attention_ref(
         attn_mask = key_mask[:, None, None, :].to(torch.bool)  # [B,1,1,Sk]
     out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
     return out.to(q.dtype)
+
+
+@jit
+def _attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr,
+    key_mask_ptr, cos_ptr, sin_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    seqlen_q, seqlen_k, num_heads,
+    stride_q_b, stride_q_h, stride_q_s,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_out_b, stride_out_h, stride_out_s,
+    stride_mask_b, stride_rope_s,
+    qk_scale,
+    seq_bucket_q, seq_bucket_k,  # powers of two of the (max) lengths: autotune keys only
+    HEAD_DIM: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    block_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    b = (batch_head // num_heads).to(tl.int64)  # int64: offsets overflow int32 at 75K tokens x 40 heads
+    h = (batch_head % num_heads).to(tl.int64)
+    if IS_VARLEN:
+        # packed: sequence b owns tokens [cu[b], cu[b+1]); the batch strides are 0
+        q_start = tl.load(cu_seqlens_q_ptr + b).to(tl.int64)
+        q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
+        k_start = tl.load(cu_seqlens_k_ptr + b).to(tl.int64)
+        k_len = tl.load(cu_seqlens_k_ptr + b + 1) - k_start
+    else:
+        q_start = 0
+        q_len = seqlen_q
+        k_start = 0
+        k_len = seqlen_k
+    if block_m * BLOCK_M >= q_len:
+        return  # the grid covers the longest sequence; shorter ones leave programs idle
+    in_dtype = q_ptr.dtype.element_ty
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_half = tl.arange(0, HALF)
+    row_ok = offs_m < q_len
+    q_base = q_ptr + b * stride_q_b + h * stride_q_h + q_start * stride_q_s
+    k_base = k_ptr + b * stride_k_b + h * stride_k_h + k_start * stride_k_s
+    v_base = v_ptr + b * stride_v_b + h * stride_v_h + k_start * stride_v_s
+
+    if HAS_ROPE:
+        # rotate in fp32, then round to the input dtype as the reference's rotated q/k are
+        q_rows = q_base + offs_m[:, None] * stride_q_s
+        q_even = tl.load(q_rows + 2 * offs_half[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q_odd = tl.load(q_rows + 2 * offs_half[None, :] + 1, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        rope_q = (q_start + offs_m[:, None]) * stride_rope_s + offs_half[None, :]
+        cos_q = tl.load(cos_ptr + rope_q, mask=row_ok[:, None], other=1.0)
+        sin_q = tl.load(sin_ptr + rope_q, mask=row_ok[:, None], other=0.0)
+        q_a = (q_even * cos_q - q_odd * sin_q).to(in_dtype)  # rotated even half [BLOCK_M, HALF]
+        q_b = (q_even * sin_q + q_odd * cos_q).to(in_dtype)  # rotated odd half
+        if UPCAST_DOT:
+            q_a = q_a.to(tl.float32)
+            q_b = q_b.to(tl.float32)
+    else:
+        q_a = tl.load(q_base + offs_m[:, None] * stride_q_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q_b = q_a  # unused
+        if UPCAST_DOT:
+            q_a = q_a.to(tl.float32)
+
+    # online softmax in base 2: scores carry log2(e)/sqrt(D), so exp2 replaces exp
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, k_len, BLOCK_N):
+        offs_n = start_n + offs_n0
+        col_ok = offs_n < k_len
+        if HAS_ROPE:
+            k_rows = k_base + offs_n[:, None] * stride_k_s
+            k_even = tl.load(k_rows + 2 * offs_half[None, :], mask=col_ok[:, None], other=0.0).to(tl.float32)
+            k_odd = tl.load(k_rows + 2 * offs_half[None, :] + 1, mask=col_ok[:, None], other=0.0).to(tl.float32)
+            rope_k = (k_start + offs_n[:, None]) * stride_rope_s + offs_half[None, :]
+            cos_k = tl.load(cos_ptr + rope_k, mask=col_ok[:, None], other=1.0)
+            sin_k = tl.load(sin_ptr + rope_k, mask=col_ok[:, None], other=0.0)
+            k_a = (k_even * cos_k - k_odd * sin_k).to(in_dtype)
+            k_b = (k_even * sin_k + k_odd * cos_k).to(in_dtype)
+            if UPCAST_DOT:
+                k_a = k_a.to(tl.float32)
+                k_b = k_b.to(tl.float32)
+            scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
+            scores += tl.dot(q_b, tl.trans(k_b), input_precision=DOT_PRECISION)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * stride_k_s + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            if UPCAST_DOT:
+                k = k.to(tl.float32)
+            scores = tl.dot(q_a, tl.trans(k), input_precision=DOT_PRECISION)
+        key_ok = col_ok
+        if HAS_KEY_MASK:
+            key_ok = key_ok & (tl.load(key_mask_ptr + b * stride_mask_b + offs_n, mask=col_ok, other=0) != 0)
+        scores = tl.where(key_ok[None, :], scores * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        # a row that has seen only masked keys has m_new = -inf: subtract 0 instead (exp2(-inf) = 0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(scores - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)  # rescales what was accumulated under the old maximum
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * stride_v_s + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        if UPCAST_DOT:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l_i == 0: no key to attend, output zeros
+    out_base = out_ptr + b * stride_out_b + h * stride_out_h + q_start * stride_out_s
+    tl.store(out_base + offs_m[:, None] * stride_out_s + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])  # fmt: skip
+
+
+def attention_configs() -> list:
+    """Tile shapes tried by the CUDA autotuner (before pruning)."""
+    return [
+        load_triton().Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        for block_m in (64, 128)
+        for block_n in (32, 64, 128)
+        for warps in (4, 8)
+        for stages in (2, 3, 4)
+    ]
+
+
+SHARED_MEMORY_BUDGET = 160 * 1024  # bytes; under the ~228 KB of H100 and ~164 KB of A100 per block
+
+
+def prune_attention_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Keep tiles that fit and can help: K/V stages within shared memory; 128-key tiles only at head dim 64
+    (at 128 the score and accumulator tiles spill registers); 8 warps only for 128-row tiles; no tile
+    taller or wider than the (bucketed) sequence lengths."""
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    elem = named_args["q_ptr"].element_size()
+    bucket_q = max(named_args["seq_bucket_q"], 64)
+    bucket_k = max(named_args["seq_bucket_k"], 32)
+    kept = []
+    for config in configs:
+        block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        shared = (config.num_stages * 2 * block_n + block_m) * head_dim * elem
+        if shared > SHARED_MEMORY_BUDGET or block_m > bucket_q or block_n > bucket_k:
+            continue
+        if head_dim == 128 and block_n == 128:
+            continue
+        if (config.num_warps == 8) != (block_m == 128):
+            continue
+        kept.append(config)
+    return kept or [configs[0]]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_kernel():
+    key = ["seq_bucket_q", "seq_bucket_k", "HEAD_DIM", "IS_VARLEN", "HAS_KEY_MASK", "HAS_ROPE"]
+    return autotuned(_attention_fwd_kernel, attention_configs(), key=key, prune=prune_attention_configs)
+
+
+def launch_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+) -> None:
+    """Run the kernel on already-checked inputs, as 4D ``[B,H,S,D]`` (dense: cu_seqlens None) or 3D
+    ``[total,H,D]`` (packed). Writes ``out`` (same layout as q)."""
+    packed = cu_seqlens_q is not None
+    if packed:
+        batch, num_heads, head_dim = cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
+        # [total, H, D]: token stride is dim 0; no batch stride (sequences are found via cu_seqlens)
+        strides = [(0, t.stride(1), t.stride(0)) for t in (q, k, v, out)]
+    else:
+        batch, num_heads, head_dim = q.shape[0], q.shape[1], q.shape[3]
+        strides = [(t.stride(0), t.stride(1), t.stride(2)) for t in (q, k, v, out)]
+    if batch == 0 or max_seqlen_q == 0:
+        return
+    dummy = q  # stands in for absent optional pointers; never read (the matching HAS_* is False)
+    mask_arg = key_mask.view(torch.uint8) if key_mask is not None else dummy
+    interpret = interpreting()
+    args = [
+        q, k, v, out,
+        mask_arg, cos if cos is not None else dummy, sin if sin is not None else dummy,
+        cu_seqlens_q if packed else dummy, cu_seqlens_k if packed else dummy,
+        max_seqlen_q, max_seqlen_k, num_heads,
+        *strides[0], *strides[1], *strides[2], *strides[3],
+        key_mask.stride(0) if key_mask is not None else 0,
+        cos.stride(0) if cos is not None else 0,
+        math.log2(math.e) / math.sqrt(head_dim),
+        next_power_of_2(max_seqlen_q), next_power_of_2(max_seqlen_k),
+    ]  # fmt: skip
+    meta = dict(
+        HEAD_DIM=head_dim,
+        IS_VARLEN=packed,
+        HAS_KEY_MASK=key_mask is not None,
+        HAS_ROPE=cos is not None,
+        # numpy has no bf16, so the interpreter's bf16 dot is wrong: dot in fp32 there (inputs are
+        # still bf16 in memory and rounded as on the GPU); on the GPU bf16 runs on tensor cores
+        UPCAST_DOT=interpret and q.dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit dots
+    )
+    if interpret:
+        grid = (cdiv(max_seqlen_q, INTERPRET_BLOCK), batch * num_heads)
+        launchable(_attention_fwd_kernel)[grid](*args, **meta, BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK)
+    else:
+
+        def grid(config):
+            return (cdiv(max_seqlen_q, config["BLOCK_M"]), batch * num_heads)
+
+        launchable(_tuned_kernel())[grid](*args, **meta)
+
+
+def check_attention_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming what the kernel cannot take (shared by the dense and packed forms)."""
+    require_triton()
+    head_dim = q.shape[-1]
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"{op}: head dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if not (q.dtype == k.dtype == v.dtype) or not dtype_supported(q.dtype):
+        raise ValueError(f"{op}: q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape or k.shape[-1] != head_dim:
+        raise ValueError(f"{op}: k and v must have one shape with q's head dim, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+def check_attention_out(op: str, out: torch.Tensor, q: torch.Tensor) -> None:
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(
+            f"{op}: out must be {q.dtype} {tuple(q.shape)} on {q.device} with a unit-stride last dim, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device} with strides {out.stride()}"
+        )
+
+
+def rope_tables(rope: tuple[torch.Tensor, torch.Tensor] | None, tokens: int, head_dim: int, device: torch.device):
+    """``(cos, sin)`` as fp32 ``[tokens, D/2]`` with a unit-stride last dim, or ``(None, None)``."""
+    if rope is None:
+        return None, None
+    cos, sin = rope
+    if cos.shape != (tokens, head_dim // 2) or sin.shape != cos.shape:
+        raise ValueError(f"rope tables must be [{tokens}, {head_dim // 2}], got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    return (cos.to(device=device, dtype=torch.float32).contiguous(), sin.to(device=device, dtype=torch.float32).contiguous())
+
+
+def _attention_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+) -> torch.Tensor:
+    batch, num_heads, seqlen_q, head_dim = q.shape
+    # [B,H,Sq,D] values in [B,Sq,H,D] memory: the model's "b h s d -> b s (h d)" is then a free view
+    out = torch.empty((batch, seqlen_q, num_heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
+    launch_attention(q, k, v, out, key_mask, cos, sin, None, None, seqlen_q, k.shape[2])
+    return out
+
+
+_attention_op = register_op("spacetime::attention", _attention_launch)
+
+
+def attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused attention. q ``[B,H,Sq,D]``, k/v ``[B,H,Sk,D]`` (any strides with a unit-stride head dim),
+    ``key_mask`` ``[B,Sk]`` bool (True = attend), ``rope`` ``(cos, sin)`` ``[Sq, D/2]`` (needs Sq == Sk)
+    -> ``[B,H,Sq,D]`` in q's dtype (stored as ``[B,Sq,H,D]`` memory); written into ``out`` (q's shape,
+    unit-stride head dim) when given: an eager launch, for tests and benchmarks."""
+    check_attention_inputs("attention_triton", q, k, v)
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"attention_triton: q must be [B,H,Sq,D] and k/v [B,H,Sk,D], got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    batch, _, seqlen_q, head_dim = q.shape
+    seqlen_k = k.shape[2]
+    if key_mask is not None:
+        if key_mask.shape != (batch, seqlen_k) or key_mask.dtype != torch.bool:
+            raise ValueError(f"key_mask must be bool [{batch}, {seqlen_k}], got {key_mask.dtype} {tuple(key_mask.shape)}")
+        key_mask = key_mask.to(q.device).contiguous()
+    if rope is not None and seqlen_q != seqlen_k:
+        raise ValueError(f"rope needs self-attention (Sq == Sk), got Sq={seqlen_q}, Sk={seqlen_k}")
+    cos, sin = rope_tables(rope, seqlen_q, head_dim, q.device)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if out is not None:
+        check_attention_out("attention_triton", out, q)
+        launch_attention(q, k, v, out, key_mask, cos, sin, None, None, seqlen_q, seqlen_k)
+        return out
+    return _attention_op(q, k, v, key_mask, cos, sin)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The backend's attention: the Triton kernel where it applies, ``attention_ref`` elsewhere (CPU tensors
+    outside the interpreter, head dims other than 64/128, mixed or unsupported dtypes, malformed inputs,
+    which the reference then reports)."""
+    usable = (
+        can_launch(q)
+        and q.dim() == 4
+        and k.dim() == 4
+        and q.shape[-1] in HEAD_DIMS
+        and q.dtype == k.dtype == v.dtype
+        and dtype_supported(q.dtype)
+        and q.device == k.device == v.device
+        and k.shape == v.shape
+        and q.shape[:2] == k.shape[:2]
+        and q.shape[-1] == k.shape[-1]
+        and (key_mask is None or (key_mask.shape == (q.shape[0], k.shape[2]) and key_mask.dtype == torch.bool))
+        and (rope is None or (q.shape[2] == k.shape[2] and rope[0].shape == (q.shape[2], q.shape[3] // 2)))
+    )
+    return attention_triton(q, k, v, key_mask, rope) if usable else attention_ref(q, k, v, key_mask, rope)
