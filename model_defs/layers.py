@@ -6,6 +6,7 @@ rotary dimensions between time, height and width; RoFormer (Su et al., 2021) for
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -43,10 +44,17 @@ def _axis_angles(positions: torch.Tensor, num_pairs: int, theta: float) -> torch
     return torch.outer(positions.to(torch.float64), inv_freq.to(positions.device))
 
 
+@functools.lru_cache(maxsize=8)
 def rope_3d_tables(
     grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) ``[F*H*W, head_dim/2]`` fp32 for tokens in (f, h, w) raster order."""
+    """(cos, sin) ``[F*H*W, head_dim/2]`` fp32 for tokens in (f, h, w) raster order. Cached: every
+    sampling step of a video asks for the same tables (callers must not modify them)."""
+    with torch.inference_mode(False):  # cached tables must stay usable by a later autograd pass
+        return _rope_3d_tables(grid, head_dim, theta, device)
+
+
+def _rope_3d_tables(grid, head_dim, theta, device):
     frames, height, width = grid
     t_pairs, h_pairs, w_pairs = rope_axis_dims(head_dim)
     f_idx = torch.arange(frames, device=device)
