@@ -156,6 +156,7 @@ class WanDiT(nn.Module):
             )
         backend = backend or get_backend()
         self.config = config
+        self.backend = backend  # the resolved kernels, for code that runs these modules another way (packing.py)
         self.backend_name = backend.name
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
