@@ -10,7 +10,7 @@ predictor-corrector (B(h) = e^h - 1 variant, data prediction, order 2), Wan's de
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -22,6 +22,20 @@ FIRST_LEVEL_EPS = 1e-6
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # step_callback(step_index, total_steps, current_x0_estimate) -> None; may raise to interrupt
 StepCallback = Callable[[int, int, torch.Tensor], None]
+# evaluate(x, timesteps, sigma) -> (x as the model saw it, velocity)
+_Evaluate = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Guide(Protocol):
+    """Holds parts of the sample to given values while sampling (known frames: ``conditioning.py``).
+    Every model evaluation at noise level ``sigma`` sees ``model_input(x, sigma)`` (the solver goes on
+    from it) and the solver uses ``velocity(v)``; the final sample is ``final(x)``."""
+
+    def model_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor: ...
+
+    def velocity(self, velocity: torch.Tensor) -> torch.Tensor: ...
+
+    def final(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -72,6 +86,18 @@ def guided_velocity(
     return velocity
 
 
+def _evaluator(velocity_fn: VelocityFn, guide: Guide | None) -> _Evaluate:
+    """One model evaluation; without a guide, exactly ``velocity_fn`` on the solver's own sample."""
+    if guide is None:
+        return lambda x, t, sigma: (x, velocity_fn(x, t))
+
+    def evaluate(x: torch.Tensor, t: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x = guide.model_input(x, sigma)
+        return x, guide.velocity(velocity_fn(x, t))
+
+    return evaluate
+
+
 def sample(
     velocity_fn: VelocityFn,
     x0_start: torch.Tensor,
@@ -79,25 +105,34 @@ def sample(
     sigmas: torch.Tensor,
     solver: str = "euler",
     callback: StepCallback | None = None,
+    guide: Guide | None = None,
 ) -> torch.Tensor:
     """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` starting at ``(1-s0)*x0_start + s0*noise``.
-    All tensors ``[B,C,F,H,W]`` fp32 on one device; returns the final sample (fp32)."""
+    All tensors ``[B,C,F,H,W]`` fp32 on one device; returns the final sample (fp32). ``guide`` holds
+    parts of the sample (known frames) at every model evaluation and at the end."""
     if solver not in SOLVERS:
         raise ValueError(f"scheduler must be one of {list(SOLVERS)}, got {solver!r}")
     sigma_start = float(sigmas[0])
     x = (1.0 - sigma_start) * x0_start + sigma_start * noise  # [B,C,F,H,W]
+    evaluate = _evaluator(velocity_fn, guide)
     if solver == "unipc":
-        return _sample_unipc(velocity_fn, x, sigmas, callback)
-    batch = x0_start.shape[0]
+        x = _sample_unipc(evaluate, x, sigmas, callback)
+    else:
+        x = _sample_euler_heun(evaluate, x, sigmas, solver == "heun", callback)
+    return x if guide is None else guide.final(x)
+
+
+def _sample_euler_heun(evaluate: _Evaluate, x: torch.Tensor, sigmas: torch.Tensor, heun: bool, callback: StepCallback | None) -> torch.Tensor:
+    batch = x.shape[0]
     total = len(sigmas) - 1
     for i in range(total):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         t = torch.full((batch,), sigma * NUM_TRAIN_TIMESTEPS, dtype=torch.float32, device=x.device)
-        v = velocity_fn(x, t)  # [B,C,F,H,W]
-        if solver == "heun" and sigma_next > 0:
+        x, v = evaluate(x, t, sigma)  # [B,C,F,H,W]
+        if heun and sigma_next > 0:
             x_euler = x + (sigma_next - sigma) * v
             t_next = torch.full_like(t, sigma_next * NUM_TRAIN_TIMESTEPS)
-            v = 0.5 * (v + velocity_fn(x_euler, t_next))
+            v = 0.5 * (v + evaluate(x_euler, t_next, sigma_next)[1])
         x0_estimate = x - sigma * v
         x = x + (sigma_next - sigma) * v
         if callback is not None:
@@ -132,7 +167,7 @@ def _unipc_corrector_rhos(order: int, lambda_prev: float, lambda_s: float, lambd
     return (rho_0, b1 - rho_0)
 
 
-def _sample_unipc(velocity_fn: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None) -> torch.Tensor:
+def _sample_unipc(evaluate: _Evaluate, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None) -> torch.Tensor:
     """UniPC-2 (bh2) with the corrector after every model call but the last, and order 1 at the first and
     last steps, as Wan and diffusers run it. One model call per step."""
     sigma_list = [float(s) for s in sigmas]
@@ -146,7 +181,8 @@ def _sample_unipc(velocity_fn: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor
         sigma = sigma_list[i]
         # Wan's UniPC (and diffusers') hands the model whole-number timesteps: int(1000 * sigma)
         t = torch.full((batch,), float(int(sigma * NUM_TRAIN_TIMESTEPS)), dtype=torch.float32, device=x.device)
-        x0 = x - sigma * velocity_fn(x, t)  # data prediction at the (uncorrected) sample
+        x, v = evaluate(x, t, sigma)
+        x0 = x - sigma * v  # data prediction at the (uncorrected) sample
         if last_x is not None:  # UniC: correct x_i with the new prediction (no extra model call)
             lam_prev = lambdas[i - 2] if last_order == 2 else 0.0
             rhos = _unipc_corrector_rhos(last_order, lam_prev, lambdas[i - 1], lambdas[i])

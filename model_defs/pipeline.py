@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from .bundles import SPATIAL_PATCH, SpacetimeConditioning, SpacetimeModel, SpacetimeVAE
+from .conditioning import KnownLatents
 from .flow_matching import SOLVERS, StepCallback, guided_velocity, initial_noise, sample, sampling_sigmas
 
 ChunkCallback = Callable[[int, int], None]
@@ -79,8 +80,10 @@ def generate(
     denoise: float,
     device: torch.device,
     on_step: StepCallback | None = None,
+    known: KnownLatents | None = None,
 ) -> torch.Tensor:
-    """Sample raw latents like ``latent [B,C,F,H,W]`` (raw VAE space); ``denoise < 1`` starts from ``latent``."""
+    """Sample raw latents like ``latent [B,C,F,H,W]`` (raw VAE space); ``denoise < 1`` starts from ``latent``;
+    ``known`` latent frames (image/video prompts) are held in place while sampling."""
     if scheduler not in SOLVERS:
         raise ValueError(f"scheduler={scheduler!r} is not allowed; allowed values: {list(SOLVERS)}")
     if steps < 1:
@@ -107,8 +110,10 @@ def generate(
 
     x0_start = model.latent_format.normalize(latent.float()).to(device)
     noise = initial_noise(tuple(latent.shape), seed).to(device)
+    guide = None if known is None else known.guide(model.latent_format.normalize, noise)
     with torch.inference_mode():
-        result = sample(guided_velocity(model.dit, pos_ctx, neg_ctx, cfg), x0_start, noise, sigmas, scheduler, on_step)
+        velocity = guided_velocity(model.dit, pos_ctx, neg_ctx, cfg)
+        result = sample(velocity, x0_start, noise, sigmas, scheduler, on_step, guide)
     return model.latent_format.denormalize(result).float().cpu()
 
 
