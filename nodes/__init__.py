@@ -3,6 +3,7 @@ from .hub import SpacetimeHubDownload
 from .loaders import SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
 from .sampling import SpacetimeEmptyLatentVideo, SpacetimeSampler, SpacetimeTextEncode
 from .vae import SpacetimeVAEDecode, SpacetimeVAEEncode
+from .video_prompts import SpacetimeConnectVideos, SpacetimeExtendVideo, SpacetimeImageToVideo, SpacetimeJoinVideo
 
 NODE_CLASS_MAPPINGS = {
     "SpacetimeModelLoader": SpacetimeModelLoader,
@@ -14,6 +15,10 @@ NODE_CLASS_MAPPINGS = {
     "SpacetimeVAEDecode": SpacetimeVAEDecode,
     "SpacetimeVAEEncode": SpacetimeVAEEncode,
     "SpacetimeHubDownload": SpacetimeHubDownload,
+    "SpacetimeImageToVideo": SpacetimeImageToVideo,
+    "SpacetimeExtendVideo": SpacetimeExtendVideo,
+    "SpacetimeConnectVideos": SpacetimeConnectVideos,
+    "SpacetimeJoinVideo": SpacetimeJoinVideo,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -26,4 +31,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SpacetimeVAEDecode": "Spacetime VAE Decode",
     "SpacetimeVAEEncode": "Spacetime VAE Encode",
     "SpacetimeHubDownload": "Spacetime Download From Hub",
+    "SpacetimeImageToVideo": "Spacetime Image To Video",
+    "SpacetimeExtendVideo": "Spacetime Extend Video",
+    "SpacetimeConnectVideos": "Spacetime Connect Videos",
+    "SpacetimeJoinVideo": "Spacetime Join Video",
 }

@@ -77,10 +77,13 @@ class SpacetimeSampler:
                 "shift": ("FLOAT", {"default": 5.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "Timestep shift (Wan: 5 for 720p, 3 for 480p)."}),
                 "scheduler": (list(SOLVERS), {"default": SOLVERS[0]}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "< 1 keeps part of the input latent (video-to-video)."}),
-            }
+            },
+            "optional": {
+                "known_frames": ("SPACETIME_KNOWN_FRAMES", {"tooltip": "Frames to keep in place (image to video, extend, connect)."}),
+            },
         }
 
-    def sample(self, model, positive, negative, latent, seed, steps, cfg, shift, scheduler, denoise):
+    def sample(self, model, positive, negative, latent, seed, steps, cfg, shift, scheduler, denoise, known_frames=None):
         device = comfy_glue.torch_device("diffusion")
         progress = comfy_glue.Progress(steps, "sampling")
         comfy_glue.prepare_on_device(model.dit, device)
@@ -88,6 +91,7 @@ class SpacetimeSampler:
             samples = generate(
                 model, positive, negative, latent["samples"], seed, steps, cfg, shift, scheduler, denoise, device,
                 on_step=lambda done, total, _x0: progress.update(done),
+                known=None if known_frames is None else known_frames.known,
             )
         finally:
             comfy_glue.release(model.dit)

@@ -5,7 +5,8 @@ from ..model_defs.pipeline import decode_frames, encode_frames
 from . import comfy_glue
 
 
-def _run_on_device(vae, label: str, job):
+def run_on_vae_device(vae, label: str, job):
+    """``job(device, on_chunk)`` with the VAE on its device and a progress bar named ``label``."""
     device = comfy_glue.torch_device("vae")
     comfy_glue.prepare_on_device(vae.vae, device)
     progress = None
@@ -32,7 +33,7 @@ class SpacetimeVAEDecode:
         return {"required": {"vae": ("SPACETIME_VAE",), "samples": ("LATENT",)}}
 
     def decode(self, vae, samples):
-        return (_run_on_device(vae, "decoding", lambda device, cb: decode_frames(vae, samples["samples"], device, cb)),)
+        return (run_on_vae_device(vae, "decoding", lambda device, cb: decode_frames(vae, samples["samples"], device, cb)),)
 
 
 class SpacetimeVAEEncode:
@@ -46,5 +47,5 @@ class SpacetimeVAEEncode:
         return {"required": {"vae": ("SPACETIME_VAE",), "pixels": ("IMAGE",)}}
 
     def encode(self, vae, pixels):
-        latent = _run_on_device(vae, "encoding", lambda device, cb: encode_frames(vae, pixels, device, cb))
+        latent = run_on_vae_device(vae, "encoding", lambda device, cb: encode_frames(vae, pixels, device, cb))
         return ({"samples": latent},)
