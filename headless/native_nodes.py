@@ -1,6 +1,6 @@
-"""The few native ComfyUI nodes our shipped workflows use to save results, implemented for the
-headless runner with the same node ids, inputs and widget order as ComfyUI's, so one workflow file
-runs in both. (Inside ComfyUI these are never registered: ComfyUI's own run.)"""
+"""The few native ComfyUI nodes our shipped workflows use (to save results, to pick frames),
+implemented for the headless runner with the same node ids, inputs and widget order as ComfyUI's, so
+one workflow file runs in both. (Inside ComfyUI these are never registered: ComfyUI's own run.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -88,8 +88,32 @@ class SaveVideo:
         return {"ui": {"files": [str(path)]}}
 
 
+class ImageFromBatch:
+    """Frames ``batch_index`` .. ``batch_index + length - 1`` of an IMAGE batch; both clamped to the batch,
+    as ComfyUI's node does (the image-to-video workflow takes one frame of a generated clip with it)."""
+
+    CATEGORY = "image/batch"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "frombatch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE",),
+                "batch_index": ("INT", {"default": 0, "min": 0, "max": 4095}),
+                "length": ("INT", {"default": 1, "min": 1, "max": 4096}),
+            }
+        }
+
+    def frombatch(self, image, batch_index, length):
+        first = min(batch_index, image.shape[0] - 1)
+        return (image[first: first + length].clone(),)
+
+
 NATIVE_NODE_CLASS_MAPPINGS = {
     "SaveAnimatedWEBP": SaveAnimatedWEBP,
     "CreateVideo": CreateVideo,
     "SaveVideo": SaveVideo,
+    "ImageFromBatch": ImageFromBatch,
 }
