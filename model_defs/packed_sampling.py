@@ -1,0 +1,179 @@
+"""Sampling several videos of different sizes, each with its own prompts and seed, as packed sequences.
+
+Every item is what ``pipeline.generate`` would sample for that prompt alone (batch 1, ``denoise`` 1, the
+same seed, steps, cfg, shift and solver), to float rounding: its noise is ``initial_noise`` of its own
+latent shape and seed, its contexts are padded as ``generate`` pads them, and guidance is the same
+``v_neg + cfg * (v_pos - v_neg)``. What changes is how the DiT runs: one packed call per step holds the
+positive and the negative sequence of every video of the pack (``packing.forward_pack``).
+
+The solvers of ``flow_matching.sample`` are reused as they are: they only combine the state, the model's
+prediction and their history with scalars of the shared noise levels, element by element, so the packed
+state - every video's patch vectors end to end, ``[1, T, P]`` - integrates exactly as each video would
+alone (UniPC's history is per element, hence per video). The state stays in patch-vector order between
+steps; videos are cut out and unpatchified once, at the end.
+
+Memory: a pack costs activations for all its tokens at once, so ``max_tokens`` bounds a pack's tokens
+(counted twice with guidance: the negative pass is a second sequence). Items that do not fit one pack are
+split over several, first fit in the given order, and one log line says so.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .bundles import SpacetimeConditioning, SpacetimeModel
+from .flow_matching import SOLVERS, initial_noise, sample, sampling_sigmas
+from .packing import forward_pack, make_pack, pack_text, patch_grid, patchify, unpatchify
+from .pipeline import _context
+
+log = logging.getLogger(__name__)
+
+# progress(done_steps, total_steps) over all packs; may raise to interrupt
+PackProgress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, eq=False)
+class PackedItem:
+    """One video to sample: its prompts, raw latent shape ``(1, C, T', H', W')``, seed, and the name
+    errors and logs call it by (e.g. ``"line 3 (96x64x9)"``)."""
+
+    positive: SpacetimeConditioning
+    negative: SpacetimeConditioning
+    latent_shape: tuple[int, ...]
+    seed: int
+    name: str
+
+
+def item_tokens(model: SpacetimeModel, item: PackedItem, guided: bool) -> int:
+    """Tokens ``item`` takes in a pack: its patch count, twice with guidance (positive and negative)."""
+    return math.prod(patch_grid(item.latent_shape, model.config.patch_size)) * (2 if guided else 1)
+
+
+def plan_packs(tokens: Sequence[int], max_tokens: int, names: Sequence[str]) -> list[list[int]]:
+    """Item indices grouped into packs of at most ``max_tokens`` tokens, first fit in the given order;
+    an item over the budget on its own is an error naming it."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens_per_pack={max_tokens} is not allowed: it must be >= 1")
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for index, (count, name) in enumerate(zip(tokens, names)):
+        if count > max_tokens:
+            raise ValueError(
+                f"the video on {name} needs {count} tokens (counted twice with cfg != 1: the positive and the "
+                f"negative pass), more than max_tokens_per_pack={max_tokens}; raise max_tokens_per_pack or make "
+                "that video smaller or shorter"
+            )
+        target = next((p for p, left in enumerate(room) if count <= left), None)
+        if target is None:
+            packs.append([])
+            room.append(max_tokens)
+            target = len(packs) - 1
+        packs[target].append(index)
+        room[target] -= count
+    return packs
+
+
+def _check_items(model: SpacetimeModel, items: Sequence[PackedItem]) -> None:
+    if not items:
+        raise ValueError("there are no videos to sample")
+    cfg = model.config
+    if cfg.in_dim != cfg.out_dim:
+        raise ValueError(f"packed sampling needs a model whose input and output channels match, {model.name} has {cfg.in_dim} and {cfg.out_dim}")
+    for item in items:
+        if len(item.latent_shape) != 5 or item.latent_shape[0] != 1:
+            raise ValueError(f"the latent of {item.name} must be [1,C,T,H,W], got {tuple(item.latent_shape)}")
+        if item.latent_shape[1] != cfg.in_dim:
+            raise ValueError(
+                f"the latent of {item.name} has {item.latent_shape[1]} channels but model {model.name} takes "
+                f"{cfg.in_dim}; use the VAE that matches the model"
+            )
+        try:
+            patch_grid(item.latent_shape, cfg.patch_size)
+        except ValueError as exc:
+            raise ValueError(f"{item.name}: {exc}") from None
+
+
+def _sample_pack(
+    model: SpacetimeModel,
+    items: Sequence[PackedItem],
+    sigmas: torch.Tensor,
+    cfg: float,
+    scheduler: str,
+    device: torch.device,
+    on_step: Callable[[int], None] | None,
+) -> list[torch.Tensor]:
+    """One pack: every item's positive (and, with guidance, negative) sequence in one DiT call per step."""
+    dit = model.dit
+    patch = model.config.patch_size
+    dtype = dit.patch_embedding.weight.dtype
+    guided = cfg != 1.0
+    grids = [patch_grid(item.latent_shape, patch) for item in items]
+    contexts = [_context(item.positive, "positive", model, 1, device, dtype) for item in items]  # [1,L,D] each
+    if guided:
+        contexts += [_context(item.negative, "negative", model, 1, device, dtype) for item in items]
+    # the state: every video's patch vectors end to end, built from the very tensors generate() starts from
+    x0_start = torch.cat([
+        patchify(model.latent_format.normalize(torch.zeros(item.latent_shape))[0], patch) for item in items
+    ]).to(device)  # [T,P]
+    noise = torch.cat([patchify(initial_noise(tuple(item.latent_shape), item.seed)[0], patch) for item in items]).to(device)  # [T,P]
+    with torch.inference_mode():
+        pack = make_pack(grids * (2 if guided else 1), model.config.head_dim, device)  # positives, then negatives
+        text = pack_text(torch.cat(contexts))  # [N*L, text_dim] (generate() masks no context token either)
+
+        def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            # x [1,T,P]; timesteps [1], shared by every sequence (one noise schedule)
+            tokens = torch.cat([x[0], x[0]]) if guided else x[0]  # [2T or T, P]
+            v = forward_pack(dit, pack, tokens, timesteps.expand(pack.num_sequences), text)  # [2T or T, P]
+            if not guided:
+                return v[None]
+            v_pos, v_neg = v.chunk(2)  # [T,P] each
+            return (v_neg + cfg * (v_pos - v_neg))[None]  # [1,T,P]
+
+        callback = None if on_step is None else (lambda done, _total, _x0: on_step(done))
+        result = sample(velocity, x0_start[None], noise[None], sigmas, scheduler, callback)[0]  # [T,P]
+    lengths = [math.prod(grid) for grid in grids]
+    return [
+        model.latent_format.denormalize(unpatchify(part, grid, patch)[None]).float().cpu()  # [1,C,T',H',W']
+        for part, grid in zip(result.split(lengths), grids)
+    ]
+
+
+def generate_packed(
+    model: SpacetimeModel,
+    items: Sequence[PackedItem],
+    steps: int,
+    cfg: float,
+    shift: float,
+    scheduler: str,
+    device: torch.device,
+    max_tokens: int,
+    on_progress: PackProgress | None = None,
+) -> list[torch.Tensor]:
+    """Raw latents ``[1,C,T',H',W']``, one per item in the items' order, sampled in as few packs of at most
+    ``max_tokens`` tokens as first fit finds."""
+    if scheduler not in SOLVERS:
+        raise ValueError(f"scheduler={scheduler!r} is not allowed; allowed values: {list(SOLVERS)}")
+    if steps < 1:
+        raise ValueError(f"steps={steps} is not allowed: it must be >= 1")
+    _check_items(model, items)
+    guided = cfg != 1.0
+    tokens = [item_tokens(model, item, guided) for item in items]
+    packs = plan_packs(tokens, max_tokens, [item.name for item in items])
+    if len(packs) > 1:
+        log.info(
+            "Spacetime: %d videos need %d tokens%s, more than max_tokens_per_pack=%d; sampling them in %d packs",
+            len(items), sum(tokens), " with cfg (positive + negative)" if guided else "", max_tokens, len(packs),
+        )
+    sigmas = sampling_sigmas(steps, shift)
+    total = steps * len(packs)
+    results: list[torch.Tensor | None] = [None] * len(items)
+    for number, members in enumerate(packs):
+        on_step = None if on_progress is None else (lambda done, base=number * steps: on_progress(base + done, total))
+        latents = _sample_pack(model, [items[i] for i in members], sigmas, cfg, scheduler, device, on_step)
+        for index, latent in zip(members, latents):
+            results[index] = latent
+    return results
