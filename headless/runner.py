@@ -34,30 +34,58 @@ def execution_order(calls: dict[str, NodeCall]) -> list[str]:
     return order
 
 
+def _call_over_lists(node_class, inputs: dict[str, list], extra: dict) -> tuple[list[list], list[Path]]:
+    """Run a node on list-valued inputs with ComfyUI's semantics: a node with ``INPUT_IS_LIST`` gets the
+    lists whole, once; any other node runs once per element of its longest input list (shorter lists
+    repeating their last element). Output slot i of the results is the list of every call's output i, or,
+    where ``OUTPUT_IS_LIST[i]``, their concatenation. Returns (outputs per slot, files written)."""
+    if getattr(node_class, "INPUT_IS_LIST", False):
+        calls = [inputs]
+    elif any(not values for values in inputs.values()):
+        calls = []  # an empty list upstream: ComfyUI runs nothing downstream of it
+    else:
+        count = max((len(values) for values in inputs.values()), default=1)
+        calls = [{name: values[min(i, len(values) - 1)] for name, values in inputs.items()} for i in range(count)]
+    output_is_list = getattr(node_class, "OUTPUT_IS_LIST", None) or (False,) * len(node_class.RETURN_TYPES)
+    outputs: list[list] = [[] for _ in node_class.RETURN_TYPES]
+    written: list[Path] = []
+    for kwargs in calls:
+        result = getattr(node_class(), node_class.FUNCTION)(**kwargs, **extra)
+        if isinstance(result, dict):
+            written.extend(Path(p) for p in result.get("ui", {}).get("files", []))
+            result = result.get("result", ())
+        for slot, value in enumerate(tuple(result)):
+            if output_is_list[slot]:
+                outputs[slot].extend(value)
+            else:
+                outputs[slot].append(value)
+    return outputs, written
+
+
 def run_workflow(path: str | Path, output_dir: str | Path) -> list[Path]:
-    """Run every node of the workflow; returns the written files in the order they were written."""
+    """Run every node of the workflow; returns the written files in the order they were written. Values
+    travel as lists, as in ComfyUI, so a list output (``OUTPUT_IS_LIST``) makes downstream nodes run once
+    per element."""
     calls = load_workflow(path, NODE_TYPES)
     validate(calls, NODE_TYPES)
     output_dir = Path(output_dir)
-    results: dict[str, tuple] = {}
+    results: dict[str, list[list]] = {}  # node id -> its outputs, each a list of values
     written: list[Path] = []
     for node_id in execution_order(calls):
         call = calls[node_id]
         node_class = NODE_TYPES[call.class_type]
-        kwargs = {
-            name: results[value.node_id][value.slot] if isinstance(value, Link) else value
+        inputs = {
+            name: results[value.node_id][value.slot] if isinstance(value, Link) else [value]
             for name, value in call.inputs.items()
         }
+        extra = {}
         if call.class_type in NATIVE_NODE_CLASS_MAPPINGS and getattr(node_class, "OUTPUT_NODE", False):
-            kwargs["output_dir"] = output_dir
+            extra["output_dir"] = output_dir
         try:
-            result = getattr(node_class(), node_class.FUNCTION)(**kwargs)
+            results[node_id], files = _call_over_lists(node_class, inputs, extra)
         except (ValueError, FileNotFoundError) as exc:
             raise WorkflowError(f"{call.where()}: {exc}") from exc
-        if isinstance(result, dict):
-            written.extend(Path(p) for p in result.get("ui", {}).get("files", []))
-            result = result.get("result", ())
-        results[node_id] = tuple(result)
+        written.extend(files)
     return written
 
 
