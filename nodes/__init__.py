@@ -1,6 +1,7 @@
 """ComfyUI nodes of the pack (V1 classes). Node ids are prefixed ``Spacetime`` to avoid clashes."""
 from .hub import SpacetimeHubDownload
 from .loaders import SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
+from .packed import SpacetimePackedSampler
 from .sampling import SpacetimeEmptyLatentVideo, SpacetimeSampler, SpacetimeTextEncode
 from .vae import SpacetimeVAEDecode, SpacetimeVAEEncode
 from .video_prompts import SpacetimeConnectVideos, SpacetimeExtendVideo, SpacetimeImageToVideo, SpacetimeJoinVideo
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "SpacetimeTextEncode": SpacetimeTextEncode,
     "SpacetimeEmptyLatentVideo": SpacetimeEmptyLatentVideo,
     "SpacetimeSampler": SpacetimeSampler,
+    "SpacetimePackedSampler": SpacetimePackedSampler,
     "SpacetimeVAEDecode": SpacetimeVAEDecode,
     "SpacetimeVAEEncode": SpacetimeVAEEncode,
     "SpacetimeHubDownload": SpacetimeHubDownload,
@@ -28,6 +30,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SpacetimeTextEncode": "Spacetime Text Encode",
     "SpacetimeEmptyLatentVideo": "Spacetime Empty Video Latent",
     "SpacetimeSampler": "Spacetime Sampler",
+    "SpacetimePackedSampler": "Spacetime Packed Sampler",
     "SpacetimeVAEDecode": "Spacetime VAE Decode",
     "SpacetimeVAEEncode": "Spacetime VAE Encode",
     "SpacetimeHubDownload": "Spacetime Download From Hub",
