@@ -103,6 +103,38 @@ def test_packed_forward_runs_one_varlen_attention_per_layer_for_all_videos():
         assert cross_call.cu_q == video_bounds and cross_call.cu_k == text_bounds and not cross_call.rope
 
 
+def test_packed_forward_on_the_triton_kernels_equals_the_reference_model(monkeypatch):
+    """The packed calls meet the kernels' contracts (varlen with per-token RoPE, per-token modulation):
+    interpreted on CPU, no call may fall back to a reference."""
+    import triton  # noqa: F401 - a missing Triton must fail this test, not skip it
+
+    import comfyui_spacetime.kernels.adaln as adaln_module
+    import comfyui_spacetime.kernels.attention_varlen as varlen_module
+    import comfyui_spacetime.kernels.rmsnorm as rmsnorm_module
+    from comfyui_spacetime.kernels.dispatch import TRITON
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reference = _dit()
+    fused = WanDiT(CONFIG, TRITON)
+    fused.load_state_dict(reference.state_dict())
+    latents = [torch.randn(shape, generator=torch.Generator().manual_seed(3)) for shape in SHAPES]
+    timesteps = torch.tensor([900.0, 400.0, 5.0])
+    contexts = torch.randn(3, CONFIG.text_len, CONFIG.text_dim, generator=torch.Generator().manual_seed(4))
+    masks = torch.arange(CONFIG.text_len)[None] < torch.tensor([[16], [5], [1]])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Triton backend fell back to a reference")
+
+    with torch.inference_mode():
+        expected = [reference(latent[None], timesteps[i : i + 1], contexts[i : i + 1], masks[i : i + 1])[0] for i, latent in enumerate(latents)]
+        for module, name in ((varlen_module, "attention_varlen_ref"), (adaln_module, "layer_norm_modulate_ref"),
+                             (adaln_module, "gated_residual_ref"), (rmsnorm_module, "rms_norm_ref")):
+            monkeypatch.setattr(module, name, refuse)
+        packed = packed_forward(fused, latents, timesteps, contexts, masks)
+    for got, want in zip(packed, expected):
+        assert (got - want).abs().max() <= 1e-5
+
+
 def _items(shapes=SHAPES, seed=7):
     return [
         PackedItem(_cond(f"prompt {i}", 5 + 3 * i), _cond("negative", 4), (1, *shape), seed + i, f"item {i}")
