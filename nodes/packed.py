@@ -6,13 +6,13 @@ per video, and so does the headless runner.
 """
 from __future__ import annotations
 
-from ..model_defs.bundles import SPATIAL_PATCH
+from ..model_defs.bundles import SPATIAL_PATCH, SpacetimeConditioning
 from ..model_defs.flow_matching import SOLVERS
 from ..model_defs.packed_sampling import PackedItem, generate_packed
 from ..model_defs.pipeline import empty_latent
 from ..model_defs.video_list import LINE_FORMAT, parse_video_list
 from . import comfy_glue
-from .sampling import MAX_SEED, SpacetimeTextEncode
+from .sampling import MAX_SEED
 
 # A 832x480 video of 81 frames is 21 x 30 x 52 = 32760 tokens, twice with cfg: the default fits one,
 # or many small ones; larger budgets need memory in proportion (attention itself stays linear).
@@ -27,6 +27,16 @@ VIDEOS_TOOLTIP = (
 
 def _seed_of(seed: int, index: int) -> int:
     return (seed + index) % (MAX_SEED + 1)
+
+
+def _encode_each(text_encoder, prompts: list[str]) -> list[SpacetimeConditioning]:
+    """Each prompt encoded alone (as Spacetime Text Encode does), the encoder moved to its device once."""
+    model = text_encoder.encoder.model
+    comfy_glue.prepare_on_device(model, comfy_glue.torch_device("text_encoder"))
+    try:
+        return [SpacetimeConditioning(text_encoder.encoder.encode([p], text_encoder.text_len), text_encoder.name) for p in prompts]
+    finally:
+        comfy_glue.release(model)
 
 
 class SpacetimePackedSampler:
@@ -62,15 +72,14 @@ class SpacetimePackedSampler:
 
     def sample(self, model, vae, text_encoder, videos, negative, seed, steps, cfg, shift, scheduler, max_tokens_per_pack):
         requests = parse_video_list(videos, vae.spatial_factor * SPATIAL_PATCH, vae.temporal_factor)
-        encode = SpacetimeTextEncode().encode
-        (negative_cond,) = encode(text_encoder, negative)
+        negative_cond, *positives = _encode_each(text_encoder, [negative] + [r.prompt for r in requests])
         items = [
             PackedItem(
-                encode(text_encoder, request.prompt)[0], negative_cond,
+                positive, negative_cond,
                 tuple(empty_latent(vae, request.width, request.height, request.frames, 1).shape),
                 _seed_of(seed, index), request.name,
             )
-            for index, request in enumerate(requests)
+            for index, (request, positive) in enumerate(zip(requests, positives))
         ]
         device = comfy_glue.torch_device("diffusion")
         progress = None
