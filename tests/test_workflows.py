@@ -17,6 +17,9 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 # (frames, height, width) of every mp4 a workflow saves, in order; a workflow not named saves one 17x64x64 video
 EXPECTED_VIDEOS = {
     "spacetime_pack_builtin.json": [(17, 64, 64), (9, 64, 96), (13, 96, 64)],  # one per line of its list
+    "spacetime_extend_forward_builtin.json": [(17 + 12, 64, 64)],  # the input, then 12 new frames
+    "spacetime_extend_backward_builtin.json": [(9 + 17, 64, 64)],  # 9 new frames, then the input
+    "spacetime_connect_builtin.json": [(17 + 8 + 17, 64, 64)],  # clip A, an 8-frame bridge, clip B
 }
 
 
