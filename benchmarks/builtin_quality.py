@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spacetime_bootstrap import load_package  # noqa: E402
 
 
-def evaluate(prompts: int, steps: int, cfg: float, shift: float, seed: int = 0, log=print) -> dict:
+def evaluate(prompts: int, steps: int, cfg: float, shift: float, seed: int = 0, log=print, psnr_clips: int = 16) -> dict:
     load_package()
     import torch
 
@@ -42,7 +42,7 @@ def evaluate(prompts: int, steps: int, cfg: float, shift: float, seed: int = 0, 
         for key in hits:
             hits[key] += getattr(found, key) == getattr(spec, key)
         log(f"{spec.caption!r}: detected colour={found.colour} shape={found.shape} motion={found.motion}")
-    clips, _ = render_pool(16, 424242, held_out=True)
+    clips, _ = render_pool(psnr_clips, 424242, held_out=True)
     video = to_video(clips)
     with torch.inference_mode():
         recon = [vae.vae.decode(vae.vae.encode(video[i: i + 1])) for i in range(len(video))]

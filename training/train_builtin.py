@@ -1,14 +1,16 @@
 """Train the built-in tiny model (VAE, then DiT) on procedural captioned videos, on CPU or GPU.
 
-    python train_builtin.py --vae-minutes 35 --dit-minutes 45 --seed 0
+    python train_builtin.py --vae-steps 3200 --dit-steps 2400 --seed 0
 
-Reproducible from the seed (on a given device and thread count). Writes
+Reproducible from the seed on a given device and thread count: training runs for a fixed number of
+steps (not a wall-clock budget), so a slower machine takes longer but learns the same weights. Writes
 ``model_defs/builtin_weights/{vae,dit}.safetensors`` with the configs in the files' metadata, and
 prints the VAE's reconstruction PSNR on held-out clips.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -48,23 +50,37 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
-def train_vae(minutes: float, seed: int, log) -> WanVAE:
-    """Two of three steps on single frames (the first-frame path, cheap), one on 5-frame clips (the
-    temporal path); 32x32 crops (the VAE is fully convolutional); Adam with a cosine decay to the deadline."""
+def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write to a hidden ``.partial`` file beside ``path``, then rename: never a half-written file under the
+    real name (a reader, or a run stopped mid-write, sees the old file or the new one)."""
+    partial = path.with_name(f".{path.name}.partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
+    partial.replace(path)
+
+
+def cosine_lr(peak: float, step: int, total: int, warmup: int = 0) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then a cosine decay to zero at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def train_vae(steps: int, seed: int, log) -> WanVAE:
+    """One step in four on single frames (the first-frame path), three on 9-frame clips (the first frame
+    and two 4-frame chunks, so the chunk-after-chunk cache path that makes 16 of a 17-frame video's
+    frames is trained too); 32x32 crops (the VAE is fully convolutional); Adam with a cosine decay."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     vae = WanVAE(VAE_PRESETS[BUILTIN_VAE_PRESET])
     pool, _ = render_pool(768, seed)
     held, _ = render_pool(8, seed, held_out=True)
     optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
-    started = time.monotonic()
-    step = 0
-    while (elapsed := time.monotonic() - started) < minutes * 60:
+    for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * elapsed / (minutes * 60)))
-        clip_step = step % 3 == 2
-        index = torch.randint(len(pool), (8 if clip_step else 16,), generator=generator)
-        length = 5 if clip_step else 1
+            group["lr"] = cosine_lr(2e-3, step, steps)
+        clip_step = step % 4 != 0
+        index = torch.randint(len(pool), (4 if clip_step else 16,), generator=generator)
+        length = 9 if clip_step else 1
         start = int(torch.randint(0, FRAMES - length + 1, (1,), generator=generator))
         top, left = (int(v) for v in torch.randint(0, SIZE - 32 + 1, (2,), generator=generator) // 8 * 8)
         video = to_video(pool[index.numpy(), start: start + length, top: top + 32, left: left + 32])
@@ -74,11 +90,10 @@ def train_vae(minutes: float, seed: int, log) -> WanVAE:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        step += 1
-        if step % 300 == 0:
+        if (step + 1) % 300 == 0:
             with torch.no_grad():
                 check = to_video(held[:2])
-                log(f"vae step {step}: loss {loss.item():.4f}, held-out PSNR {psnr(vae.decode(vae.encode(check)), check):.2f} dB")
+                log(f"vae step {step + 1}: loss {loss.item():.4f}, held-out PSNR {psnr(vae.decode(vae.encode(check)), check):.2f} dB")
     return vae.eval()
 
 
@@ -104,15 +119,20 @@ def encode_dataset(vae: WanVAE, count: int, seed: int, encoder: MiniLMTextEncode
     return latents, embedded, torch.tensor([row[c] for c in captions]), row[""]
 
 
-def train_dit(latents, embeddings, caption_rows, empty_row, minutes: float, seed: int, log) -> WanDiT:
+def train_dit(latents, embeddings, caption_rows, empty_row, steps: int, seed: int, log, save, batch: int = 32) -> WanDiT:
+    """Flow matching (velocity ``noise - x0``) with logit-normal timesteps, 10% empty captions for
+    classifier-free guidance, AdamW with warm-up and cosine decay; returns the EMA of the weights
+    (smoother samples than the last step's weights on a short run), and hands it to ``save`` every
+    500 steps too, so a long run that is stopped early still leaves usable weights."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     dit = WanDiT(DIT_PRESETS[BUILTIN_DIT_PRESET], get_backend(force_reference=True))
     dit.init_weights(torch.Generator().manual_seed(seed))
+    ema = {name: p.detach().clone() for name, p in dit.named_parameters()}
     optimizer = torch.optim.AdamW(dit.parameters(), lr=1e-3, weight_decay=0.01)
-    deadline, step = time.monotonic() + minutes * 60, 0
-    batch = 64
-    while time.monotonic() < deadline:
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(1e-3, step, steps, warmup=min(100, steps // 10))
         index = torch.randint(len(latents), (batch,), generator=generator)
         x0 = latents[index]
         rows = caption_rows[index].clone()
@@ -127,17 +147,26 @@ def train_dit(latents, embeddings, caption_rows, empty_row, minutes: float, seed
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
         optimizer.step()
-        step += 1
-        if step % 100 == 0:
-            log(f"dit step {step}: loss {loss.item():.4f}")
+        decay = min(0.998, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, p in dit.named_parameters():
+                ema[name].lerp_(p.detach(), 1 - decay)
+        if (step + 1) % 100 == 0:
+            log(f"dit step {step + 1}: loss {loss.item():.4f}")
+        if (step + 1) % 500 == 0 and step + 1 < steps:
+            save(ema)
+            log(f"dit step {step + 1}: saved the EMA weights")
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            p.copy_(ema[name])
     return dit.eval()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the built-in tiny model on procedural videos.")
-    parser.add_argument("--vae-minutes", type=float, default=35)
-    parser.add_argument("--dit-minutes", type=float, default=45)
-    parser.add_argument("--clips", type=int, default=6000, help="training clips encoded for the DiT")
+    parser.add_argument("--vae-steps", type=int, default=3200)
+    parser.add_argument("--dit-steps", type=int, default=2400)
+    parser.add_argument("--clips", type=int, default=3000, help="training clips encoded for the DiT")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
@@ -159,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         vae.load_state_dict(state)
         vae.eval()
     else:
-        vae = train_vae(args.vae_minutes, args.seed, log)
+        vae = train_vae(args.vae_steps, args.seed, log)
     log(f"VAE held-out PSNR: {vae_psnr(vae, args.seed):.2f} dB")
 
     encoder = MiniLMTextEncoder("cpu")
@@ -168,13 +197,14 @@ def main(argv: list[str] | None = None) -> None:
     mean = latents.mean(dim=(0, 2, 3, 4))
     std = latents.std(dim=(0, 2, 3, 4))
     latents = (latents - mean[None, :, None, None, None]) / std[None, :, None, None, None]
-    import dataclasses
-
     vae_config = dataclasses.replace(vae.config, latents_mean=tuple(mean.tolist()), latents_std=tuple(std.tolist()))
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(vae_path),
-              metadata={"spacetime_vae_config": json.dumps(vae_config.to_dict())})
-    dit = train_dit(latents, embeddings, rows, empty, args.dit_minutes, args.seed, log)
+    save_atomically(vae.state_dict(), vae_path, {"spacetime_vae_config": json.dumps(vae_config.to_dict())})
     latent_format = {"channels": vae_config.z_dim, "mean": list(vae_config.latents_mean), "std": list(vae_config.latents_std)}
-    save_file({k: v.half().contiguous() for k, v in dit.state_dict().items()}, str(dit_path), metadata={
-        "spacetime_dit_config": json.dumps(dit_config.to_dict()), "spacetime_latent_format": json.dumps(latent_format)})
+
+    def save_dit(state: dict[str, torch.Tensor]) -> None:
+        save_atomically({k: v.half() for k, v in state.items()}, dit_path, {
+            "spacetime_dit_config": json.dumps(dit_config.to_dict()), "spacetime_latent_format": json.dumps(latent_format)})
+
+    dit = train_dit(latents, embeddings, rows, empty, args.dit_steps, args.seed, log, save_dit)
+    save_dit(dit.state_dict())
     log(f"wrote {vae_path} and {dit_path}")
