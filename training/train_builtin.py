@@ -65,13 +65,36 @@ def cosine_lr(peak: float, step: int, total: int, warmup: int = 0) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
+@torch.no_grad()
+def inflate_init(vae: WanVAE) -> WanVAE:
+    """Start the causal 3D VAE as an image VAE applied frame by frame ("inflation"): every causal conv
+    sees only its current frame (the past time slices of its kernel zeroed), temporal down-sampling keeps
+    the last frame of each pair and temporal up-sampling repeats a frame. The first-frame path already
+    sees no past, so single-frame steps train exactly what 4-frame chunks then reuse; the temporal
+    weights grow from there instead of from noise (from noise, 16 of 17 frames start as garbage)."""
+    from ..model_defs.wan_vae import CausalConv3d, Resample
+
+    for module in vae.modules():
+        if isinstance(module, Resample) and hasattr(module, "time_conv"):
+            conv = module.time_conv  # kernel (3, 1, 1): the last slice is the current frame
+            conv.weight.zero_()
+            conv.bias.zero_()
+            channels = conv.weight.shape[1]
+            eye = torch.eye(channels)
+            for half in range(conv.weight.shape[0] // channels):  # up-sampling: both output frames copy
+                conv.weight[half * channels: (half + 1) * channels, :, -1, 0, 0] = eye
+        elif isinstance(module, CausalConv3d) and module.weight.shape[2] > 1:
+            module.weight[:, :, :-1].zero_()
+    return vae
+
+
 def train_vae(steps: int, seed: int, log) -> WanVAE:
     """One step in four on single frames (the first-frame path), three on 9-frame clips (the first frame
     and two 4-frame chunks, so the chunk-after-chunk cache path that makes 16 of a 17-frame video's
     frames is trained too); 32x32 crops (the VAE is fully convolutional); Adam with a cosine decay."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    vae = WanVAE(VAE_PRESETS[BUILTIN_VAE_PRESET])
+    vae = inflate_init(WanVAE(VAE_PRESETS[BUILTIN_VAE_PRESET]))
     pool, _ = render_pool(768, seed)
     held, _ = render_pool(8, seed, held_out=True)
     optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
