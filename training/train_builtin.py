@@ -1,6 +1,6 @@
 """Train the built-in tiny model (VAE, then DiT) on procedural captioned videos, on CPU or GPU.
 
-    python train_builtin.py --vae-steps 2000 --dit-steps 2400 --seed 0
+    python train_builtin.py --vae-steps 2000 --dit-steps 2000 --seed 0
 
 Reproducible from the seed on a given device and thread count: training runs for a fixed number of
 steps (not a wall-clock budget), so a slower machine takes longer but learns the same weights. Writes
@@ -88,7 +88,7 @@ def inflate_init(vae: WanVAE) -> WanVAE:
     return vae
 
 
-def train_vae(steps: int, seed: int, log, clip_every: int = 0) -> WanVAE:
+def train_vae(steps: int, seed: int, log, clip_every: int = 0, lr: float = 1e-3, log_every: int = 300) -> WanVAE:
     """Trains the inflated VAE on single 32x32 frame crops (it is fully convolutional), Adam with a cosine
     decay. Thanks to the inflation this trains every frame of a video alike: a 17-frame clip reconstructs
     as well as one frame. With ``clip_every=n`` every n-th step is a batch of 9-frame clips, which trains
@@ -101,10 +101,10 @@ def train_vae(steps: int, seed: int, log, clip_every: int = 0) -> WanVAE:
     vae = inflate_init(WanVAE(VAE_PRESETS[BUILTIN_VAE_PRESET]))
     pool, _ = render_pool(768, seed)
     held, _ = render_pool(8, seed, held_out=True)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(2e-3, step, steps)
+            group["lr"] = cosine_lr(lr, step, steps)
         clip_step = clip_every > 0 and step % clip_every == clip_every - 1
         index = torch.randint(len(pool), (4 if clip_step else 16,), generator=generator)
         length = 9 if clip_step else 1
@@ -116,8 +116,9 @@ def train_vae(steps: int, seed: int, log, clip_every: int = 0) -> WanVAE:
         loss = F.mse_loss(recon, video) + 0.5 * F.l1_loss(recon, video) + 1e-6 * latent.pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        if (step + 1) % 300 == 0:
+        if (step + 1) % log_every == 0:
             with torch.no_grad():
                 check = to_video(held[:2])
                 log(f"vae step {step + 1}: loss {loss.item():.4f}, held-out PSNR {psnr(vae.decode(vae.encode(check)), check):.2f} dB")
@@ -192,8 +193,8 @@ def train_dit(latents, embeddings, caption_rows, empty_row, steps: int, seed: in
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the built-in tiny model on procedural videos.")
     parser.add_argument("--vae-steps", type=int, default=2000)
-    parser.add_argument("--dit-steps", type=int, default=2400)
-    parser.add_argument("--clips", type=int, default=3000, help="training clips encoded for the DiT")
+    parser.add_argument("--dit-steps", type=int, default=2000)
+    parser.add_argument("--clips", type=int, default=2500, help="training clips encoded for the DiT")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
