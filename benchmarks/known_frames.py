@@ -4,8 +4,10 @@ the frames being generated. This encodes frames 9-16 of procedural clips (latent
 still lead-ins of 1, 5 and 9 frames (``conditioning.MID_RUN_LEAD_IN``) and, for reference, inside the
 whole clip; decodes each after three pasts (the clip's true frames 0-8, its frame 9 held still, another
 clip); and prints the PSNR of the decoded run against the given frames, next to the VAE's round trip.
+The built-in VAE by default; ``--vae`` measures another Wan VAE file (e.g. wan_2.1_vae.safetensors).
+(The built-in VAE, trained frame by frame, has no temporal context: every row then reads the same.)
 
-Usage: python benchmarks/known_frames.py [--clips 6] [--size 64]
+Usage: python benchmarks/known_frames.py [--clips 6] [--size 64] [--vae PATH]
 """
 from __future__ import annotations
 
@@ -27,17 +29,19 @@ def psnr(a, b) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
-def measure(clips: int, size: int, log=print) -> dict[tuple[str, str], float]:
+def measure(clips: int, size: int, vae_path: str | None = None, log=print) -> dict[tuple[str, str], float]:
     load_package()
     import torch
 
     from comfyui_spacetime.model_defs.builtin import builtin_vae
+    from comfyui_spacetime.model_defs.bundles import SpacetimeVAE
+    from comfyui_spacetime.model_defs.checkpoint import load_vae
     from comfyui_spacetime.model_defs.conditioning import latent_frame_of
     from comfyui_spacetime.model_defs.pipeline import decode_frames, encode_frames
     from comfyui_spacetime.training.procedural import render, sample_spec
 
     cpu = torch.device("cpu")
-    vae = builtin_vae()
+    vae = builtin_vae() if vae_path is None else SpacetimeVAE(load_vae(vae_path, torch.float32), Path(vae_path).name)
     encode = lambda frames: encode_frames(vae, frames, cpu)  # noqa: E731
     decode = lambda latent: decode_frames(vae, latent, cpu)  # noqa: E731
     first_run_latent = latent_frame_of(RUN_START, vae.temporal_factor)
@@ -69,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=6)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--vae", default=None, help="a Wan VAE .safetensors file (default: the built-in VAE)")
     args = parser.parse_args(argv)
-    measure(args.clips, args.size)
+    measure(args.clips, args.size, args.vae)
 
 
 if __name__ == "__main__":

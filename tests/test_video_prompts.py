@@ -236,14 +236,14 @@ def test_known_frames_survive_sampling_and_decoding(built_in, case):
     make, checks = CASES[case]
     latent, prompt = make(vae, clips["a"], clips["b"])
     generated = _decode(built_in, _sample(built_in, latent, prompt, steps=4))
+    report, worst = [], float("inf")
     for generated_part, name, clip_part in checks:
         given = clips[name][clip_part]
         got = _psnr(generated[generated_part], given)
         ceiling = _psnr(_roundtrip(vae, clips[name])[clip_part], given)  # the VAE's own reconstruction of those frames
-        assert got >= MIN_PSNR_DB, (
-            f"{case}: known frames {name}[{clip_part.start}:{clip_part.stop}] come out at {got:.2f} dB PSNR "
-            f"(VAE round trip of the clip: {ceiling:.2f} dB); wanted >= {MIN_PSNR_DB} dB"
-        )
+        report.append(f"{name}[{clip_part.start}:{clip_part.stop}] at {got:.2f} dB (VAE round trip of the clip: {ceiling:.2f} dB)")
+        worst = min(worst, got)
+    assert worst >= MIN_PSNR_DB, f"{case}: known frames come out at PSNR " + ", ".join(report) + f"; wanted >= {MIN_PSNR_DB} dB"
 
 
 # ---------------------------------------------------------------- bad inputs
