@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse-vae", action="store_true", help="keep the VAE already in --out, train the DiT only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # The DiT's output head starts at zero, so early gradients are tiny: as CPU denormals they made a
+    # backward pass ~50x slower (no step 100 after 12 minutes). Flushed to zero they cost nothing.
+    torch.set_flush_denormal(True)
     started = time.monotonic()
 
     def log(message: str) -> None:
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         vae.eval()
     else:
         vae = train_vae(args.vae_steps, args.seed, log)
-    log(f"VAE held-out PSNR: {vae_psnr(vae, args.seed):.2f} dB")
+        log(f"VAE held-out PSNR: {vae_psnr(vae, args.seed):.2f} dB")
 
     encoder = MiniLMTextEncoder("cpu")
     dit_config = DIT_PRESETS[BUILTIN_DIT_PRESET]
