@@ -147,15 +147,17 @@ def encode_dataset(vae: WanVAE, count: int, seed: int, encoder: MiniLMTextEncode
     return latents, embedded, torch.tensor([row[c] for c in captions]), row[""]
 
 
-def train_dit(latents, embeddings, caption_rows, empty_row, steps: int, seed: int, log, save, batch: int = 32) -> WanDiT:
+def train_dit(latents, embeddings, caption_rows, empty_row, steps: int, seed: int, log, save, batch: int = 32, save_every: int = 500) -> WanDiT:
     """Flow matching (velocity ``noise - x0``) with logit-normal timesteps, 10% empty captions for
     classifier-free guidance, AdamW with warm-up and cosine decay; returns the EMA of the weights
     (smoother samples than the last step's weights on a short run), and hands it to ``save`` every
-    500 steps too, so a long run that is stopped early still leaves usable weights."""
+    ``save_every`` steps too, so a long run that is stopped early still leaves usable weights."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     dit = WanDiT(DIT_PRESETS[BUILTIN_DIT_PRESET], get_backend(force_reference=True))
-    dit.init_weights(torch.Generator().manual_seed(seed))
+    # a small random head, not Wan's zero one: gradients reach the blocks from step one and stay out of
+    # the denormal range that slows a CPU backward pass ~50x (flush-to-zero does not reach torch's worker threads)
+    dit.init_weights(torch.Generator().manual_seed(seed), zero_head=False)
     ema = {name: p.detach().clone() for name, p in dit.named_parameters()}
     optimizer = torch.optim.AdamW(dit.parameters(), lr=1e-3, weight_decay=0.01)
     for step in range(steps):
@@ -181,7 +183,7 @@ def train_dit(latents, embeddings, caption_rows, empty_row, steps: int, seed: in
                 ema[name].lerp_(p.detach(), 1 - decay)
         if (step + 1) % 100 == 0:
             log(f"dit step {step + 1}: loss {loss.item():.4f}")
-        if (step + 1) % 500 == 0 and step + 1 < steps:
+        if (step + 1) % save_every == 0 and step + 1 < steps:
             save(ema)
             log(f"dit step {step + 1}: saved the EMA weights")
     with torch.no_grad():
@@ -195,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--dit-steps", type=int, default=2000)
     parser.add_argument("--clips", type=int, default=2500, help="training clips encoded for the DiT")
+    parser.add_argument("--save-every", type=int, default=500, help="DiT steps between saves of its EMA weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
@@ -236,6 +239,6 @@ def main(argv: list[str] | None = None) -> None:
         save_atomically({k: v.half() for k, v in state.items()}, dit_path, {
             "spacetime_dit_config": json.dumps(dit_config.to_dict()), "spacetime_latent_format": json.dumps(latent_format)})
 
-    dit = train_dit(latents, embeddings, rows, empty, args.dit_steps, args.seed, log, save_dit)
+    dit = train_dit(latents, embeddings, rows, empty, args.dit_steps, args.seed, log, save_dit, save_every=args.save_every)
     save_dit(dit.state_dict())
     log(f"wrote {vae_path} and {dit_path}")
