@@ -7,12 +7,11 @@ per video, and so does the headless runner.
 from __future__ import annotations
 
 from ..model_defs.bundles import SPATIAL_PATCH, SpacetimeConditioning
-from ..model_defs.flow_matching import SOLVERS
 from ..model_defs.packed_sampling import PackedItem, generate_packed
 from ..model_defs.pipeline import empty_latent
 from ..model_defs.video_list import LINE_FORMAT, parse_video_list
 from . import comfy_glue
-from .sampling import MAX_SEED
+from .sampling import MAX_SEED, SOLVER_WIDGETS
 
 # A 832x480 video of 81 frames is 21 x 30 x 52 = 32760 tokens, twice with cfg: the default fits one,
 # or many small ones; larger budgets need memory in proportion (attention itself stays linear).
@@ -62,10 +61,7 @@ class SpacetimePackedSampler:
                 "videos": ("STRING", {"multiline": True, "default": "a red circle drifts to the left over a grey background | 64 | 64 | 17", "tooltip": VIDEOS_TOOLTIP}),
                 "negative": ("STRING", {"multiline": True, "default": "", "tooltip": "Negative prompt, shared by every video."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": "The video on the i-th line of the list (counting from 0, skipped lines not counted) uses seed + i."}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 1000}),
-                "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-                "shift": ("FLOAT", {"default": 5.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "Timestep shift (Wan: 5 for 720p, 3 for 480p)."}),
-                "scheduler": (list(SOLVERS), {"default": SOLVERS[0]}),
+                **SOLVER_WIDGETS,
                 "max_tokens_per_pack": ("INT", {"default": DEFAULT_MAX_TOKENS, "min": 1, "max": 1 << 24, "tooltip": "Memory budget: at most this many tokens in one packed pass. A video is (1 + (frames-1)/4) x height/16 x width/16 tokens, twice with cfg != 1. Lists over it are split into several packs (logged); a single video over it is an error."}),
             }
         }

@@ -7,6 +7,13 @@ from ..model_defs.pipeline import empty_latent, generate
 from . import comfy_glue
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+# The solver settings every sampler node offers, in this order (a workflow's widgets_values follow it).
+SOLVER_WIDGETS = {
+    "steps": ("INT", {"default": 20, "min": 1, "max": 1000}),
+    "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+    "shift": ("FLOAT", {"default": 5.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "Timestep shift (Wan: 5 for 720p, 3 for 480p)."}),
+    "scheduler": (list(SOLVERS), {"default": SOLVERS[0]}),
+}
 
 
 class SpacetimeTextEncode:
@@ -72,10 +79,7 @@ class SpacetimeSampler:
                 "negative": ("SPACETIME_CONDITIONING",),
                 "latent": ("LATENT",),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 1000}),
-                "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-                "shift": ("FLOAT", {"default": 5.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "Timestep shift (Wan: 5 for 720p, 3 for 480p)."}),
-                "scheduler": (list(SOLVERS), {"default": SOLVERS[0]}),
+                **SOLVER_WIDGETS,
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "< 1 keeps part of the input latent (video-to-video)."}),
             },
             "optional": {
