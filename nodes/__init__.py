@@ -1,5 +1,6 @@
 """ComfyUI nodes of the pack (V1 classes). Node ids are prefixed ``Spacetime`` to avoid clashes."""
 from .hub import SpacetimeHubDownload
+from .long_video import SpacetimeLongVideo
 from .loaders import SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
 from .packed import SpacetimePackedSampler
 from .sampling import SpacetimeEmptyLatentVideo, SpacetimeSampler, SpacetimeTextEncode
@@ -21,6 +22,7 @@ NODE_CLASS_MAPPINGS = {
     "SpacetimeExtendVideo": SpacetimeExtendVideo,
     "SpacetimeConnectVideos": SpacetimeConnectVideos,
     "SpacetimeJoinVideo": SpacetimeJoinVideo,
+    "SpacetimeLongVideo": SpacetimeLongVideo,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -38,4 +40,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SpacetimeExtendVideo": "Spacetime Extend Video",
     "SpacetimeConnectVideos": "Spacetime Connect Videos",
     "SpacetimeJoinVideo": "Spacetime Join Video",
+    "SpacetimeLongVideo": "Spacetime Long Video",
 }

@@ -1,0 +1,108 @@
+"""Videos longer than the model's trained length, by chained forward extension with overlap.
+
+The first chunk is plain text to video; every later chunk is a forward extension (``video_prompts``)
+that starts with the last ``overlap`` frames generated so far and adds ``chunk_frames - overlap``
+new ones, with the next seed. Only one chunk is ever in the model or the VAE, so their memory is
+bounded by the chunk, not the video; the output frames are written into one preallocated IMAGE
+buffer (the only thing that grows with the length). The last chunk is cut to give exactly
+``frames`` frames. Source: the Sora report's "extending generated videos", done the way its video
+prompts condition a text-to-video model on known frames.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .bundles import SPATIAL_PATCH, SpacetimeConditioning, SpacetimeModel, SpacetimeVAE
+from .pipeline import decode_frames, empty_latent, generate, validate_video_size
+from .video_prompts import extend_video
+
+# (chunk index, chunks) after each chunk, and (step, steps) within one
+ChunkDone = Callable[[int, int], None]
+StepDone = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class LongVideoPlan:
+    frames: int
+    chunk_frames: int
+    overlap: int
+
+    @property
+    def new_per_chunk(self) -> int:
+        return self.chunk_frames - self.overlap
+
+    @property
+    def chunks(self) -> int:
+        return 1 + max(0, math.ceil((self.frames - self.chunk_frames) / self.new_per_chunk))
+
+
+def plan_long_video(frames: int, chunk_frames: int, overlap: int, temporal_factor: int) -> LongVideoPlan:
+    """Validate the lengths (errors name the input and the allowed values) and return the plan."""
+    tf = temporal_factor
+    if frames < 1:
+        raise ValueError(f"frames={frames} is not allowed: it must be >= 1")
+    if chunk_frames < 1 + tf or (chunk_frames - 1) % tf:
+        below = 1 + max(1, (chunk_frames - 1) // tf) * tf
+        raise ValueError(
+            f"chunk_frames={chunk_frames} is not allowed: it must be 1 + {tf}*k with k >= 1 ({1 + tf}, {1 + 2 * tf}, "
+            f"{1 + 3 * tf}, ...; the model's trained length is the natural choice); nearest: {sorted({below, below + tf})}"
+        )
+    if overlap < 1 or (overlap - 1) % tf or overlap >= chunk_frames:
+        below = 1 + max(0, (overlap - 1) // tf) * tf
+        raise ValueError(
+            f"overlap={overlap} is not allowed with chunk_frames={chunk_frames}: it must be 1 + {tf}*m (1, {1 + tf}, "
+            f"{1 + 2 * tf}, ...) and smaller than chunk_frames, so that each chunk adds new frames; "
+            f"nearest: {sorted(v for v in {below, below + tf} if v < chunk_frames) or [chunk_frames - tf]}"
+        )
+    return LongVideoPlan(frames, chunk_frames, overlap)
+
+
+def generate_long_video(
+    model: SpacetimeModel,
+    vae: SpacetimeVAE,
+    positive: SpacetimeConditioning,
+    negative: SpacetimeConditioning,
+    width: int,
+    height: int,
+    plan: LongVideoPlan,
+    seed: int,
+    steps: int,
+    cfg: float,
+    shift: float,
+    scheduler: str,
+    strength: float,
+    device: torch.device,
+    vae_device: torch.device,
+    on_chunk: ChunkDone | None = None,
+    on_step: StepDone | None = None,
+) -> torch.Tensor:
+    """IMAGE frames ``[plan.frames, height, width, 3]``: chunk ``i`` is sampled with seed
+    ``seed + i`` (mod 2**64)."""
+    validate_video_size(width, height, plan.chunk_frames, vae.spatial_factor * SPATIAL_PATCH, vae.temporal_factor)
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength={strength} is not allowed: it must be between 0 and 1")
+    video = torch.empty(plan.frames, height, width, 3)
+    step_cb = None if on_step is None else (lambda done, total, _x0: on_step(done, total))
+    done = 0
+    for index in range(plan.chunks):
+        if index == 0:
+            known, keep_from = None, 0
+            latent = empty_latent(vae, width, height, plan.chunk_frames, 1)
+        else:
+            tail = video[done - plan.overlap: done]
+            prompt = extend_video(vae, tail, "forward", plan.overlap, plan.new_per_chunk, strength, vae_device)
+            known, keep_from = prompt.known, plan.overlap
+            latent = known.empty_target()
+        samples = generate(model, positive, negative, latent, (seed + index) % 2**64, steps, cfg, shift, scheduler, 1.0, device,
+                           on_step=step_cb, known=known)
+        pixels = decode_frames(vae, samples, vae_device)[keep_from:]
+        count = min(len(pixels), plan.frames - done)
+        video[done: done + count] = pixels[:count]
+        done += count
+        if on_chunk is not None:
+            on_chunk(index + 1, plan.chunks)
+    return video
