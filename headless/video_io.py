@@ -39,7 +39,9 @@ def write_mp4(images: torch.Tensor, path: Path, fps: float, crf: int = 19) -> Pa
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height = width + pad_w, height + pad_h
             stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
+            # no macroblock-tree rate control: with it, the same frames encoded to different videos run to
+            # run (even on one thread), so no saved .mp4 was deterministic
+            stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
             for frame in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             container.mux(stream.encode())
