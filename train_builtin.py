@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train the built-in tiny model: python train_builtin.py [--vae-steps 2000] [--dit-steps 2000] [--seed 0]"""
+"""Train the built-in tiny model: python train_builtin.py [--stages vae,decoder,dit] [--seed 0] (see training/train_builtin.py)"""
 from spacetime_bootstrap import load_package
 
 if __name__ == "__main__":

@@ -199,6 +199,10 @@ class AttentionBlock(nn.Module):
         self.norm = RMSNorm(dim)
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
+        # Zero output projection, as Wan initialises it: the block starts as the identity. A random one adds
+        # a near-uniform average over the frame that, at narrow widths, drowns the local features (a tiny VAE
+        # then reconstructs only each frame's mean colour and barely learns past it).
+        nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
         frames, height = x.shape[2], x.shape[3]
@@ -340,7 +344,7 @@ class WanVAE(nn.Module):
 
 VAE_PRESETS: dict[str, WanVAEConfig] = {
     "wan2.1": WanVAEConfig(),
-    "tiny": WanVAEConfig(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16),
+    "tiny": WanVAEConfig(base_dim=24, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16),
 }
 
 

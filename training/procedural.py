@@ -136,8 +136,9 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int, super
     return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3)).astype(np.float32)
 
 
-def render(spec: ClipSpec, frames: int = 17, size: int = 64) -> np.ndarray:
-    """The clip ``[frames, size, size, 3]`` float32 in 0..1."""
+def render(spec: ClipSpec, frames: int = 17, size: int = 64, coverage_out: np.ndarray | None = None) -> np.ndarray:
+    """The clip ``[frames, size, size, 3]`` float32 in 0..1; ``coverage_out [frames, size, size]``, when given,
+    receives the shape's coverage (0 background .. 1 shape), e.g. to weight a training loss."""
     rng = random.Random(spec.seed * 7919 + 1)
     background = _background(spec.background, size, rng)
     colour = np.array(COLOURS[spec.colour], np.float32) * rng.uniform(0.9, 1.05)
@@ -156,5 +157,7 @@ def render(spec: ClipSpec, frames: int = 17, size: int = 64) -> np.ndarray:
         elif spec.motion == "shrinking":
             r = radius * (1.45 - 0.9 * progress)
         coverage = shape_mask(spec.shape, x, y, r, size)[..., None]
+        if coverage_out is not None:
+            coverage_out[t] = coverage[..., 0]
         video[t] = background * (1 - coverage) + np.clip(colour, 0, 1) * coverage
     return video
