@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from ..kernels import get_backend
 from ..model_defs.builtin import BUILTIN_DIT_PRESET, BUILTIN_VAE_PRESET, WEIGHTS_DIR
-from ..model_defs.checkpoint import read_safetensors
+from ..model_defs.checkpoint import load_vae, read_safetensors
 from ..model_defs.flow_matching import shift_sigmas
 from ..model_defs.text_encoders import MiniLMTextEncoder
 from ..model_defs.wan_dit import DIT_PRESETS, WanDiT
@@ -253,15 +253,6 @@ def train_dit(latents, embeddings, caption_rows, empty_row, steps: int, seed: in
 STAGES = ("vae", "decoder", "dit")
 
 
-def load_trained_vae(path: Path) -> WanVAE:
-    from ..model_defs.wan_vae import WanVAEConfig
-
-    state, metadata = read_safetensors(path)
-    vae = WanVAE(WanVAEConfig.from_dict(json.loads(metadata["spacetime_vae_config"])))
-    vae.load_state_dict(state)
-    return vae.eval()
-
-
 def save_vae(vae: WanVAE, path: Path) -> None:
     save_atomically(vae.state_dict(), path, {"spacetime_vae_config": json.dumps(vae.config.to_dict())})
 
@@ -316,12 +307,12 @@ def main(argv: list[str] | None = None) -> None:
         save_vae(vae, vae_path)
         log(f"VAE held-out PSNR: {vae_psnr(vae, args.seed):.2f} dB; wrote {vae_path}")
     if "decoder" in stages:
-        vae = train_vae(args.decoder_steps, args.seed + 1, log, vae=load_trained_vae(vae_path), device=args.device,
+        vae = train_vae(args.decoder_steps, args.seed + 1, log, vae=load_vae(vae_path, torch.float32), device=args.device,
                         clip_steps=args.decoder_clip_steps)
         save_vae(vae, vae_path)
         log(f"VAE held-out PSNR after the decoder stage: {vae_psnr(vae, args.seed):.2f} dB; wrote {vae_path}")
     if "dit" in stages:
-        vae = load_trained_vae(vae_path).to(args.device)
+        vae = load_vae(vae_path, torch.float32).to(args.device)
         encoder = MiniLMTextEncoder(args.device)
         dit_config = DIT_PRESETS[BUILTIN_DIT_PRESET]
         latents, embeddings, rows, empty = encode_dataset(vae, args.clips, args.seed, encoder, dit_config.text_len, log)
