@@ -1,7 +1,8 @@
 """Video prompts: known latent frames held while sampling (image to video, extension forward and
 backward, connection), the joined clips, and their bad inputs. Mechanics on tiny sizes; the PSNR tests
-check that known frames survive sampling + decoding as well as the VAE itself reconstructs them (the
-issue's absolute 30 dB needs a better built-in VAE than the shipped one, ~25 dB on moving clips)."""
+check that known frames survive sampling + decoding as well as the VAE itself reconstructs them, and the
+issue's absolute 30 dB where a node outputs decoded conditioned frames (image to video; the joined
+outputs of extension and connection hold the input's own pixels)."""
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,7 @@ from comfyui_spacetime.kernels import REFERENCE
 from comfyui_spacetime.model_defs.builtin import builtin_model, builtin_vae
 from comfyui_spacetime.model_defs.bundles import SpacetimeConditioning
 from comfyui_spacetime.model_defs.conditioning import (
-    KnownLatents, latent_frame_of, pixel_frames_of, run_latent_frames,
+    MID_RUN_LEAD_IN, KnownLatents, latent_frame_of, pixel_frames_of, run_latent_frames,
 )
 from comfyui_spacetime.model_defs.flow_matching import SOLVERS, initial_noise, sample, sampling_sigmas
 from comfyui_spacetime.model_defs.pipeline import decode_frames, encode_frames
@@ -228,23 +229,53 @@ CASES = {
     "connect": (lambda vae, a, b: SpacetimeConnectVideos().connect(vae, a, b, 4, 4, 1.0),
                 [(slice(0, 5), "a", slice(4, 9)), (slice(9, 13), "b", slice(0, 4))]),
 }
+ISSUE_MIN_PSNR_DB = 30.0  # the issue's bar for conditioned frames in what the nodes output
+
+
+def _own_roundtrip(vae, run: torch.Tensor) -> torch.Tensor:
+    """The VAE's reconstruction of a known run encoded as video prompts encode it: from frame 0 as a clip
+    of its own; mid-video (4m frames) after a still lead-in of its first frame (conditioning.encode_run)."""
+    if run.shape[0] % 4 == 1:
+        return _roundtrip(vae, run)
+    return _roundtrip(vae, torch.cat([run[:1].expand(MID_RUN_LEAD_IN, -1, -1, -1), run]))[MID_RUN_LEAD_IN:]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_known_frames_survive_sampling_and_decoding(built_in, case):
+    """Known frames in the generated video come out as well as the VAE reconstructs them on their own.
+    A run from frame 0: every frame (the causal decoder sees nothing before it). A run mid-video: the frame
+    each of its latent frames holds (the last of its 4); the 3 before it are filled in from the generated
+    frames before the run, here 2 steps on a random prompt (no relation to the run: the hardest past). In
+    the joined output every given frame is the input's own pixels (tests above)."""
     vae = built_in[1]
     clips = {"a": _clip(9, 64, seed=1), "b": _clip(9, 64, seed=2)}
     make, checks = CASES[case]
     latent, prompt = make(vae, clips["a"], clips["b"])
-    generated = _decode(built_in, _sample(built_in, latent, prompt, steps=2))
     report, worst = [], float("inf")
-    for generated_part, name, clip_part in checks:
-        given = clips[name][clip_part]
-        got = _psnr(generated[generated_part], given)
-        ceiling = _psnr(_roundtrip(vae, clips[name])[clip_part], given)  # the VAE's own reconstruction of those frames
-        report.append(f"{name}[{clip_part.start}:{clip_part.stop}] at {got:.2f} dB (VAE round trip of the clip: {ceiling:.2f} dB)")
-        worst = min(worst, got - ceiling)
+    for seed in (0, 1):
+        generated = _decode(built_in, _sample(built_in, latent, prompt, seed=seed, steps=2))
+        for generated_part, name, clip_part in checks:
+            given = clips[name][clip_part]
+            held = slice(None) if generated_part.start == 0 else slice(3, None, 4)
+            got = _psnr(generated[generated_part][held], given[held])
+            ceiling = _psnr(_own_roundtrip(vae, given)[held], given[held])
+            report.append(f"seed {seed}: {name}[{clip_part.start}:{clip_part.stop}] at {got:.2f} dB (its own round trip: {ceiling:.2f} dB)")
+            worst = min(worst, got - ceiling)
     assert worst >= -MAX_LOSS_VS_VAE_DB, f"{case}: known frames come out at PSNR " + ", ".join(report) + f"; wanted within {MAX_LOSS_VS_VAE_DB} dB of the round trip"
+
+
+def test_image_to_video_output_starts_with_the_image_at_30_db(built_in):
+    """The issue's absolute bar, on the one output whose conditioned frame is decoded rather than joined
+    (image to video: the output is the generated video; extension and connection output the input's
+    own pixels, tests above): mean PSNR over 8 images of the training kind (textured backgrounds are the
+    hardest: ~29 dB alone)."""
+    vae = built_in[1]
+    scores = []
+    for seed in range(1, 9):
+        image = _clip(1, 64, seed=seed)
+        latent, prompt = SpacetimeImageToVideo().place(vae, image, 64, 64, 5, 0, 1.0)
+        scores.append(_psnr(_decode(built_in, _sample(built_in, latent, prompt, steps=1))[0], image[0]))
+    assert np.mean(scores) >= ISSUE_MIN_PSNR_DB, f"frame 0 of image to video at {np.mean(scores):.2f} dB on average: " + ", ".join(f"{x:.1f}" for x in scores)
 
 
 # ---------------------------------------------------------------- bad inputs

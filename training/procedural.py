@@ -74,6 +74,10 @@ class ClipSpec:
     caption: str
     seed: int
 
+    @property
+    def combo_held_out(self) -> bool:
+        return (self.shape, self.colour, self.motion) in HELD_OUT
+
 
 def _caption(rng: random.Random, shape: str, colour: str, motion: str, background: str, held_out: bool) -> str:
     templates = [i for i in range(len(_TEMPLATES)) if (i in HELD_OUT_TEMPLATES) == held_out]
@@ -96,10 +100,16 @@ def sample_spec(seed: int, held_out: bool = False) -> ClipSpec:
     return ClipSpec(shape, colour, motion, background, _caption(rng, shape, colour, motion, background, held_out), seed)
 
 
-def _background(name: str, size: int, rng: random.Random) -> np.ndarray:
+def recaption(spec: ClipSpec, seed: int) -> str:
+    """Another caption of the same clip (same shape, colour, motion and background), drawn from ``seed``
+    among the templates and phrasings of the clip's own split (training or held out)."""
+    return _caption(random.Random(seed), spec.shape, spec.colour, spec.motion, spec.background, spec.combo_held_out)
+
+
+def _background(name: str, height: int, width: int, rng: random.Random) -> np.ndarray:
     base, texture = BACKGROUNDS[name]
-    image = np.ones((size, size, 3), np.float32) * np.array(base, np.float32)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    image = np.ones((height, width, 3), np.float32) * np.array(base, np.float32)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     if texture == "stripes":
         period, angle = rng.uniform(10, 18), rng.uniform(0, math.pi)
         wave = np.sin((x * math.cos(angle) + y * math.sin(angle)) * 2 * math.pi / period)
@@ -110,10 +120,11 @@ def _background(name: str, size: int, rng: random.Random) -> np.ndarray:
     return np.clip(image, 0, 1)
 
 
-def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int, supersample: int = 4) -> np.ndarray:
-    """Anti-aliased coverage ``[size, size]`` of a shape centred at (cx, cy) with the given radius."""
-    n = size * supersample
-    y, x = (np.mgrid[0:n, 0:n].astype(np.float32) + 0.5) / supersample
+def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int, supersample: int = 4, height: int | None = None) -> np.ndarray:
+    """Anti-aliased coverage ``[height, size]`` (``height`` defaults to ``size``) of a shape centred at
+    (cx, cy) with the given radius."""
+    height = size if height is None else height
+    y, x = (np.mgrid[0:height * supersample, 0:size * supersample].astype(np.float32) + 0.5) / supersample
     dx, dy = x - cx, y - cy
     if shape == "circle":
         inside = dx * dx + dy * dy <= radius * radius
@@ -133,20 +144,25 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int, super
         inside = np.sqrt(dx * dx + dy * dy) <= edge
     else:
         raise ValueError(f"unknown shape {shape!r}; allowed: {SHAPES}")
-    return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3)).astype(np.float32)
+    return inside.reshape(height, supersample, size, supersample).mean(axis=(1, 3)).astype(np.float32)
 
 
-def render(spec: ClipSpec, frames: int = 17, size: int = 64, coverage_out: np.ndarray | None = None) -> np.ndarray:
-    """The clip ``[frames, size, size, 3]`` float32 in 0..1; ``coverage_out [frames, size, size]``, when given,
-    receives the shape's coverage (0 background .. 1 shape), e.g. to weight a training loss."""
+def render(spec: ClipSpec, frames: int = 17, size: int = 64, coverage_out: np.ndarray | None = None,
+           height: int | None = None) -> np.ndarray:
+    """The clip ``[frames, height, size, 3]`` float32 in 0..1 (``size`` wide, ``height`` tall, by default
+    square); ``coverage_out [frames, height, size]``, when given, receives the shape's coverage (0
+    background .. 1 shape), e.g. to weight a training loss. The shape scales with the shorter side; a
+    motion travels the same fraction of the side it moves along."""
+    height = size if height is None else height
     rng = random.Random(spec.seed * 7919 + 1)
-    background = _background(spec.background, size, rng)
+    background = _background(spec.background, height, size, rng)
     colour = np.array(COLOURS[spec.colour], np.float32) * rng.uniform(0.9, 1.05)
-    radius = size * rng.uniform(0.16, 0.22)
-    travel = size * rng.uniform(0.35, 0.5)
-    cx, cy = size / 2 + rng.uniform(-4, 4), size / 2 + rng.uniform(-4, 4)
-    start = {"left": (travel / 2, 0), "right": (-travel / 2, 0), "up": (0, travel / 2), "down": (0, -travel / 2)}.get(spec.motion, (0, 0))
-    video = np.empty((frames, size, size, 3), np.float32)
+    radius = min(size, height) * rng.uniform(0.16, 0.22)
+    travel = rng.uniform(0.35, 0.5)
+    cx, cy = size / 2 + rng.uniform(-4, 4), height / 2 + rng.uniform(-4, 4)
+    tx, ty = travel * size / 2, travel * height / 2
+    start = {"left": (tx, 0), "right": (-tx, 0), "up": (0, ty), "down": (0, -ty)}.get(spec.motion, (0, 0))
+    video = np.empty((frames, height, size, 3), np.float32)
     for t in range(frames):
         progress = t / max(frames - 1, 1)
         x, y, r = cx + start[0], cy + start[1], radius
@@ -156,7 +172,7 @@ def render(spec: ClipSpec, frames: int = 17, size: int = 64, coverage_out: np.nd
             r = radius * (0.55 + 0.9 * progress)
         elif spec.motion == "shrinking":
             r = radius * (1.45 - 0.9 * progress)
-        coverage = shape_mask(spec.shape, x, y, r, size)[..., None]
+        coverage = shape_mask(spec.shape, x, y, r, size, height=height)[..., None]
         if coverage_out is not None:
             coverage_out[t] = coverage[..., 0]
         video[t] = background * (1 - coverage) + np.clip(colour, 0, 1) * coverage
