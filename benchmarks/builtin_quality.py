@@ -4,6 +4,8 @@ workflows use, scores it with the analytic detector, and reports the VAE's recon
 held-out clips. The last line is ``adherence: colour=X shape=Y motion=Z (N prompts)``.
 
 Usage: python benchmarks/builtin_quality.py [--prompts 48] [--steps 20] [--cfg 5] [--shift 5]
+                                           [--width 64 --height 64 --frames 17]
+(other sizes measure whether the model draws at sizes and lengths other than the workflows' 64x64x17)
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spacetime_bootstrap import load_package  # noqa: E402
 
 
-def evaluate(prompts: int, steps: int, cfg: float, shift: float, seed: int = 0, log=print, psnr_clips: int = 16) -> dict:
+def evaluate(prompts: int, steps: int, cfg: float, shift: float, seed: int = 0, log=print, psnr_clips: int = 16,
+             width: int = 64, height: int = 64, frames: int = 17) -> dict:
     load_package()
     import torch
 
@@ -35,10 +38,10 @@ def evaluate(prompts: int, steps: int, cfg: float, shift: float, seed: int = 0, 
     for i in range(prompts):
         spec = sample_spec(10_000 + i, held_out=True)
         (positive,) = SpacetimeTextEncode().encode(encoder, spec.caption)
-        (latent,) = SpacetimeEmptyLatentVideo().generate(vae, 64, 64, 17, 1)
+        (latent,) = SpacetimeEmptyLatentVideo().generate(vae, width, height, frames, 1)
         (samples,) = SpacetimeSampler().sample(model, positive, negative, latent, seed + i, steps, cfg, shift, "unipc", 1.0)
-        (frames,) = SpacetimeVAEDecode().decode(vae, samples)
-        found = detect(frames.numpy())
+        (images,) = SpacetimeVAEDecode().decode(vae, samples)
+        found = detect(images.numpy())
         for key in hits:
             hits[key] += getattr(found, key) == getattr(spec, key)
         log(f"{spec.caption!r}: detected colour={found.colour} shape={found.shape} motion={found.motion}")
@@ -56,10 +59,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--shift", type=float, default=5.0)  # the shipped workflows' settings: 20 steps, cfg 5, shift 5
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--frames", type=int, default=17)
     args = parser.parse_args()
-    result = evaluate(args.prompts, args.steps, args.cfg, args.shift)
+    result = evaluate(args.prompts, args.steps, args.cfg, args.shift, width=args.width, height=args.height, frames=args.frames)
     print(f"vae held-out PSNR: {result['vae_psnr']:.2f} dB")
-    print(f"adherence: colour={result['colour']:.2f} shape={result['shape']:.2f} motion={result['motion']:.2f} ({result['prompts']} prompts)")
+    size = "" if (args.width, args.height, args.frames) == (64, 64, 17) else f" at {args.width}x{args.height}x{args.frames}"
+    print(f"adherence{size}: colour={result['colour']:.2f} shape={result['shape']:.2f} motion={result['motion']:.2f} ({result['prompts']} prompts)")
 
 
 if __name__ == "__main__":
