@@ -107,9 +107,9 @@ def test_empty_unseen_and_odd_prompts_still_generate(nodes, prompt):
 def test_quality_benchmark_on_a_few_held_out_prompts():
     """The benchmark's own code path (nodes, sampler, decoder, detector) on 4 held-out prompts, with floors
     far above what a broken model gets: the shipped VAE measures ~27.6 dB on these 4 held-out clips (29.1
-    on 16; a broken encoder or decoder falls far below), and the shipped DiT gets the colour of 47 of 48
-    held-out prompts right (chance: 1 in 8). Shape and motion (0.67 and 0.44 on 48 prompts, BENCHMARKS.md)
-    are still too near chance on 4 prompts for a floor that could not fail by luck."""
+    on 16; a broken encoder or decoder falls far below), and the shipped DiT gets the colour of 48 of 48
+    held-out prompts right (chance: 1 in 8). Shape and motion (0.71 and 0.83 on 48 prompts, BENCHMARKS.md)
+    are measured by the benchmark; on 4 prompts a floor on them would fail or pass by luck."""
     import sys
     from pathlib import Path
 
