@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from ..kernels import get_backend
 from ..model_defs.builtin import BUILTIN_DIT_PRESET, BUILTIN_VAE_PRESET, WEIGHTS_DIR
 from ..model_defs.checkpoint import load_vae, read_safetensors
-from ..model_defs.conditioning import MID_RUN_LEAD_IN, latent_frame_of
+from ..model_defs.conditioning import encode_run
 from ..model_defs.flow_matching import shift_sigmas
 from ..model_defs.text_encoders import MiniLMTextEncoder
 from ..model_defs.wan_dit import DIT_PRESETS, WanDiT
@@ -124,6 +124,15 @@ def object_crops(pool: np.ndarray, coverage: np.ndarray, index: np.ndarray, fram
     return np.stack(pixels), np.stack(covered)
 
 
+def encode_run_batch(vae: WanVAE, run: torch.Tensor, start: int) -> torch.Tensor:
+    """Latents of a batch of known runs ``[B,3,T,H,W]`` placed at pixel ``start``, encoded exactly as
+    video prompts encode one (``conditioning.encode_run``, which takes time-first frames)."""
+    batch, channels = run.shape[:2]
+    time_first = run.permute(2, 0, 1, 3, 4).flatten(1, 2)  # [T, B*3, H, W]
+    return encode_run(lambda frames: vae.encode(frames.unflatten(1, (batch, channels)).permute(1, 2, 0, 3, 4)),
+                      time_first, start, vae.config.temporal_factor)
+
+
 def train_vae(steps: int, seed: int, log, lr: float = 5e-4, shape_weight: float = 3.0, log_every: int = 500,
               vae: WanVAE | None = None, pool_clips: int = 768, device: str = "cpu", clip_steps: bool = False,
               cut_steps: bool = False) -> WanVAE:
@@ -186,9 +195,7 @@ def train_vae(steps: int, seed: int, log, lr: float = 5e-4, shape_weight: float 
         weight = 1 + shape_weight * torch.from_numpy(covered)[:, None].to(device)  # [N,1,T,H,W]
         with torch.set_grad_enabled(not decoder_only):
             if kind == "cut":
-                before, run = video[:, :, :5], video[:, :, 5:]
-                encoded_run = vae.encode(torch.cat([run[:, :, :1].expand(-1, -1, MID_RUN_LEAD_IN, -1, -1), run], 2))
-                latent = torch.cat([vae.encode(before), encoded_run[:, :, latent_frame_of(MID_RUN_LEAD_IN - 1, 4) + 1:]], 2)
+                latent = torch.cat([vae.encode(video[:, :, :5]), encode_run_batch(vae, video[:, :, 5:], start=5)], 2)
             else:
                 latent = vae.encode(video)
         error = vae.decode(latent, clamp=False) - video
@@ -264,6 +271,7 @@ def train_dit(buckets, embeddings, empty_row, steps: int, seed: int, log, save, 
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(lr, step, steps, warmup=min(100, steps // 10))
+        # one bucket draws nothing, so --no-dit-sizes replays the random stream of runs before the buckets
         latents, caption_rows = buckets[int(torch.multinomial(weights, 1, generator=generator)) if len(buckets) > 1 else 0]
         index = torch.randint(len(latents), (batch,), generator=generator)
         x0 = latents[index].to(device)
