@@ -11,7 +11,9 @@ from comfyui_spacetime.training.detector import detect
 from comfyui_spacetime.training.procedural import (
     _MOTION_PHRASES, HELD_OUT_MOTION_PHRASES, ClipSpec, recaption, render, sample_spec,
 )
-from comfyui_spacetime.training.train_builtin import DIT_SIZES, inflate_init, main, train_dit, train_vae
+from comfyui_spacetime.training.train_builtin import (
+    DIT_SIZES, decoder_step_kinds, inflate_init, main, train_dit, train_vae,
+)
 
 
 def test_decoder_stage_trains_the_decoder_and_leaves_the_encoder_bit_identical():
@@ -53,6 +55,14 @@ def test_clip_and_cut_steps_train_the_decoder_only():
     tuned = train_vae(3, 1, lambda _: None, vae=vae, pool_clips=8, clip_steps=True, cut_steps=True)  # frames, clip, cut
     assert all(torch.equal(tuned.encoder.state_dict()[k], v) for k, v in encoder_before.items())
     assert any(not torch.equal(tuned.decoder.state_dict()[k], v) for k, v in decoder_before.items())
+
+
+def test_each_decoder_flag_adds_exactly_its_kind_of_step():
+    """--no-decoder-clip-steps means no clip steps even with cut steps on (they once came as a pair)."""
+    assert decoder_step_kinds(False, False) == ("frames",)
+    assert decoder_step_kinds(True, False) == ("frames", "clip")
+    assert decoder_step_kinds(False, True) == ("frames", "cut")
+    assert decoder_step_kinds(True, True) == ("frames", "clip", "cut")
 
 
 def test_caption_variants_say_the_same_thing_in_the_clip_s_own_split():

@@ -133,6 +133,11 @@ def encode_run_batch(vae: WanVAE, run: torch.Tensor, start: int) -> torch.Tensor
                       time_first, start, vae.config.temporal_factor)
 
 
+def decoder_step_kinds(clip_steps: bool, cut_steps: bool) -> tuple[str, ...]:
+    """The decoder stage's kinds of step, taken in turn: whole frames, plus each kind switched on."""
+    return ("frames",) + ("clip",) * clip_steps + ("cut",) * cut_steps
+
+
 def train_vae(steps: int, seed: int, log, lr: float = 5e-4, shape_weight: float = 3.0, log_every: int = 500,
               vae: WanVAE | None = None, pool_clips: int = 768, device: str = "cpu", clip_steps: bool = False,
               cut_steps: bool = False) -> WanVAE:
@@ -172,6 +177,7 @@ def train_vae(steps: int, seed: int, log, lr: float = 5e-4, shape_weight: float 
     held, _ = render_pool(8, seed, held_out=True)
     optimizer = torch.optim.Adam(trained, lr=lr)
     what = "decoder" if decoder_only else "vae"
+    kinds = decoder_step_kinds(clip_steps, cut_steps) if decoder_only else ("frames",)
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(lr, step, steps, warmup=min(50, steps // 10))
@@ -179,7 +185,6 @@ def train_vae(steps: int, seed: int, log, lr: float = 5e-4, shape_weight: float 
         # (crops never show it the middle attention over a whole frame's latents, nor plain background far
         # from the shape, where the cropped VAE left faint ghost blobs), with ``clip_steps`` alternating with
         # 9-frame clips, from which its temporal layers learn the 3 frames between two latent frames
-        kinds = ("frames", "clip", "cut") if cut_steps else ("frames", "clip") if clip_steps else ("frames",)
         kind = kinds[step % len(kinds)]
         crop, batch, length = ((48, 2, 9) if kind != "frames" else (SIZE, 4, 1)) if decoder_only else (32, 16, 1)
         index = torch.randint(len(pool), (batch,), generator=generator).numpy()
@@ -252,8 +257,7 @@ def train_dit(buckets, embeddings, empty_row, steps: int, seed: int, log, save, 
               device: str = "cpu", lr: float = 1e-3, init: dict[str, torch.Tensor] | None = None) -> WanDiT:
     """Flow matching (velocity ``noise - x0``) on batches of one size each (``buckets``: ``(latents,
     caption rows [N, variants])`` per size, drawn in proportion to their clips), one of each clip's
-    captions at random, 10% empty captions for
-    classifier-free guidance, AdamW with warm-up and cosine decay; returns the EMA of the weights
+    captions at random, 10% empty captions for classifier-free guidance, AdamW with warm-up and cosine decay; returns the EMA of the weights
     (smoother samples than the last step's weights on a short run), and hands it to ``save`` every
     ``save_every`` steps too, so a long run that is stopped early still leaves usable weights. ``init``
     (e.g. an earlier run's weights) continues training from those weights instead of a fresh start."""
@@ -328,13 +332,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stages", default=",".join(STAGES),
                         help="which of vae,decoder,dit to run, in that order. 'decoder' (the decoder on the frozen encoder) and "
                              "'dit' read only the encoder of the VAE in --out, which neither changes: after 'vae' they may run "
-                             "at the same time as two processes, with the same result")
+                             "at the same time as two processes (--threads 1 each on 2 cores), with the same result")
     parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--decoder-steps", type=int, default=6000)
     parser.add_argument("--decoder-clip-steps", action=argparse.BooleanOptionalAction, default=True,
                         help="alternate whole frames with 9-frame clips in the decoder stage (it learns the frames between latent frames)")
     parser.add_argument("--decoder-cut-steps", action=argparse.BooleanOptionalAction, default=True,
-                        help="with --decoder-clip-steps, also clips that cut to a known run encoded as video prompts place it mid-video")
+                        help="in the decoder stage, also clips that cut to a known run encoded as video prompts place it mid-video")
     parser.add_argument("--dit-steps", type=int, default=7500)
     parser.add_argument("--dit-lr", type=float, default=1e-3, help="the DiT's peak learning rate")
     parser.add_argument("--dit-init", type=Path, help="a dit.safetensors to continue training from (default: a fresh start)")
