@@ -120,3 +120,31 @@ def test_quality_benchmark_on_a_few_held_out_prompts():
     assert result["vae_psnr"] >= 26.0, result
     assert result["colour"] >= 0.75, result
     assert result["prompts"] == 4 and all(result[key] in (0.0, 0.25, 0.5, 0.75, 1.0) for key in ("colour", "shape", "motion")), result
+
+
+def test_shipped_dit_reads_the_direction_motion_shape_and_colour_words_of_held_out_captions():
+    """The caption probe (training/caption_probe.py) on 32 held-out clips: the true caption predicts
+    each clip better than the same caption with its motion played backwards, another kind of motion, or
+    its shape or colour changed. On 96 clips the shipped DiT's true caption wins on 0.99 / 1.00 / 1.00 /
+    1.00 of them (loss gaps 0.079 / 0.187 / 0.070 / 0.428); a DiT that ignores a word wins on ~0.5 at gap
+    ~0, as the one-run DiT of 7500 steps did for direction (0.47, gap 0.000). The probe's own failure
+    case: a DiT deaf to its context."""
+    from comfyui_spacetime.model_defs.builtin import builtin_text_encoder
+    from comfyui_spacetime.training.caption_probe import caption_sensitivity
+
+    model, vae, encoder = builtin_model(REFERENCE), builtin_vae(), builtin_text_encoder()
+
+    def encode_text(texts):
+        return encoder.encoder.encode(texts, encoder.text_len).embeddings
+
+    result = caption_sensitivity(model.dit.eval(), vae.vae.eval(), encode_text, clips=32)
+    assert result["direction"]["wins"] >= 0.85 and result["direction"]["gap"] >= 0.03, result
+    assert result["motion"]["wins"] >= 0.9 and result["motion"]["gap"] >= 0.05, result
+    assert result["shape"]["wins"] >= 0.9 and result["shape"]["gap"] >= 0.03, result
+    assert result["colour"]["wins"] >= 0.95 and result["colour"]["gap"] >= 0.2, result
+    with torch.no_grad():
+        for block in model.dit.blocks:
+            block.cross_attn.o.weight.zero_()
+            block.cross_attn.o.bias.zero_()
+    deaf = caption_sensitivity(model.dit.eval(), vae.vae.eval(), encode_text, clips=32)
+    assert all(r == {"gap": 0.0, "wins": 0.0} for r in deaf.values()), deaf

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -104,6 +104,19 @@ def recaption(spec: ClipSpec, seed: int) -> str:
     """Another caption of the same clip (same shape, colour, motion and background), drawn from ``seed``
     among the templates and phrasings of the clip's own split (training or held out)."""
     return _caption(random.Random(seed), spec.shape, spec.colour, spec.motion, spec.background, spec.combo_held_out)
+
+
+def recaption_as(spec: ClipSpec, seed: int, **changes: str) -> str:
+    """``recaption(spec, seed)`` with attributes changed (e.g. ``motion="left"``): the same template, size
+    word and phrase slot in the clip's own split, so only the changed attributes' words differ."""
+    changed = replace(spec, **changes)
+    return _caption(random.Random(seed), changed.shape, changed.colour, changed.motion, changed.background, spec.combo_held_out)
+
+
+# Each motion played backwards: the clips' motions are symmetric in time (``render``), so a clip reversed
+# frame by frame is the clip of the opposite motion.
+BACKWARDS = {"left": "right", "right": "left", "up": "down", "down": "up", "growing": "shrinking", "shrinking": "growing",
+             "still": "still"}
 
 
 def _background(name: str, height: int, width: int, rng: random.Random) -> np.ndarray:
