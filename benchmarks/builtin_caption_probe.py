@@ -30,8 +30,8 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=96)
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR)
     args = parser.parse_args()
-    if args.clips < 1:
-        parser.error(f"--clips={args.clips}: allowed values are 1 or more")
+    if args.clips < 8:
+        parser.error(f"--clips={args.clips}: allowed values are 8 or more (fewer clips may hold no moving one to play backwards)")
     model = builtin_model(get_backend(), torch.float32, args.weights_dir)
     vae = builtin_vae(torch.float32, args.weights_dir)
     encoder = builtin_text_encoder()

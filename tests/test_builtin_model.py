@@ -148,3 +148,12 @@ def test_shipped_dit_reads_the_direction_motion_shape_and_colour_words_of_held_o
             block.cross_attn.o.bias.zero_()
     deaf = caption_sensitivity(model.dit.eval(), vae.vae.eval(), encode_text, clips=32)
     assert all(r == {"gap": 0.0, "wins": 0.0} for r in deaf.values()), deaf
+
+
+def test_caption_probe_without_a_moving_clip_says_so():
+    from comfyui_spacetime.training.caption_probe import caption_sensitivity
+    from comfyui_spacetime.training.procedural import sample_spec
+
+    seed = next(s for s in range(200) if sample_spec(s * 1_000_003, held_out=True).motion == "still")  # render_pool's first clip
+    with pytest.raises(ValueError, match="clips=1: none of them moves"):
+        caption_sensitivity(None, None, None, clips=1, seed=seed)

@@ -37,6 +37,9 @@ def caption_sensitivity(dit, vae, encode_text, clips: int = 96, seed: int = 1234
     the gap of the empty caption. ``encode_text(captions)`` returns context ``[N, L, D]``; ``vae``
     encodes and normalises latents as the DiT was trained on them."""
     pixels, specs = render_pool(clips, seed, held_out=True)
+    moving = torch.tensor([spec.motion != "still" for spec in specs])
+    if not moving.any():
+        raise ValueError(f"clips={clips}: none of them moves, so there is no direction to probe; probe more clips (e.g. 32)")
     device = next(dit.parameters()).device
     x0 = torch.cat([vae.normalize(vae.encode(to_video(pixels[i: i + batch]).to(device))) for i in range(0, clips, batch)])
     captions = {"true": [recaption_as(spec, spec.seed * 31 + 7) for spec in specs], "text": [""] * clips}
@@ -52,7 +55,6 @@ def caption_sensitivity(dit, vae, encode_text, clips: int = 96, seed: int = 1234
         for name, context in contexts.items():
             velocity = torch.cat([dit(x_t[i: i + batch], timesteps[i: i + batch], context[i: i + batch]) for i in range(0, clips, batch)])
             losses[name] += (velocity.float() - (noise - x0)).pow(2).mean(dim=(1, 2, 3, 4)).cpu() / len(SIGMAS)
-    moving = torch.tensor([spec.motion != "still" for spec in specs])
     result = {}
     for name in ("text", *CHANGES):
         keep = moving if name == "direction" else torch.ones(clips, dtype=torch.bool)
