@@ -35,8 +35,7 @@ def main() -> None:
     model = builtin_model(get_backend(), torch.float32, args.weights_dir)
     vae = builtin_vae(torch.float32, args.weights_dir)
     encoder = builtin_text_encoder()
-    result = caption_sensitivity(model.dit.eval(), vae.vae.eval(), lambda texts: encoder.encoder.encode(texts, encoder.text_len).embeddings,
-                                 clips=args.clips)
+    result = caption_sensitivity(model.dit.eval(), vae.vae.eval(), encoder.encoder, encoder.text_len, clips=args.clips)
     print("caption sensitivity: " + " ".join(f"{name}={r['gap']:.3f} (wins {r['wins']:.2f})" for name, r in result.items() if name != "text")
           + f" text={result['text']['gap']:.3f} ({args.clips} clips)")
 

@@ -133,11 +133,7 @@ def test_shipped_dit_reads_the_direction_motion_shape_and_colour_words_of_held_o
     from comfyui_spacetime.training.caption_probe import caption_sensitivity
 
     model, vae, encoder = builtin_model(REFERENCE), builtin_vae(), builtin_text_encoder()
-
-    def encode_text(texts):
-        return encoder.encoder.encode(texts, encoder.text_len).embeddings
-
-    result = caption_sensitivity(model.dit.eval(), vae.vae.eval(), encode_text, clips=32)
+    result = caption_sensitivity(model.dit.eval(), vae.vae.eval(), encoder.encoder, encoder.text_len, clips=32)
     assert result["direction"]["wins"] >= 0.85 and result["direction"]["gap"] >= 0.03, result
     assert result["motion"]["wins"] >= 0.9 and result["motion"]["gap"] >= 0.05, result
     assert result["shape"]["wins"] >= 0.9 and result["shape"]["gap"] >= 0.03, result
@@ -146,7 +142,7 @@ def test_shipped_dit_reads_the_direction_motion_shape_and_colour_words_of_held_o
         for block in model.dit.blocks:
             block.cross_attn.o.weight.zero_()
             block.cross_attn.o.bias.zero_()
-    deaf = caption_sensitivity(model.dit.eval(), vae.vae.eval(), encode_text, clips=32)
+    deaf = caption_sensitivity(model.dit.eval(), vae.vae.eval(), encoder.encoder, encoder.text_len, clips=32)
     assert all(r == {"gap": 0.0, "wins": 0.0} for r in deaf.values()), deaf
 
 
@@ -156,4 +152,4 @@ def test_caption_probe_without_a_moving_clip_says_so():
 
     seed = next(s for s in range(200) if sample_spec(s * 1_000_003, held_out=True).motion == "still")  # render_pool's first clip
     with pytest.raises(ValueError, match="clips=1: none of them moves"):
-        caption_sensitivity(None, None, None, clips=1, seed=seed)
+        caption_sensitivity(None, None, None, 32, clips=1, seed=seed)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .procedural import BACKWARDS, COLOURS, SHAPES, recaption_as
+from .procedural import BACKWARDS, COLOURS, SHAPES, recaption
 from .train_builtin import render_pool, to_video
 
 SIGMAS = (0.5, 0.7, 0.85, 0.95)  # where a video's layout and motion are decided
@@ -30,22 +30,23 @@ CHANGES = {
 
 
 @torch.no_grad()
-def caption_sensitivity(dit, vae, encode_text, clips: int = 96, seed: int = 12345, batch: int = 32) -> dict[str, dict[str, float]]:
+def caption_sensitivity(dit, vae, encoder, text_len: int, clips: int = 96, seed: int = 12345,
+                        batch: int = 32) -> dict[str, dict[str, float]]:
     """For each attribute: ``gap`` (mean loss under the changed caption minus under the true one) and
     ``wins`` (the share of clips the true caption predicts better), over ``clips`` held-out 64x64x17
     clips (direction over the moving ones: a still clip played backwards is the same clip). ``text`` is
-    the gap of the empty caption. ``encode_text(captions)`` returns context ``[N, L, D]``; ``vae``
-    encodes and normalises latents as the DiT was trained on them."""
+    the gap of the empty caption. ``encoder`` is a text encoder (``encode(prompts, text_len)``, e.g. a
+    SPACETIME_TEXT_ENCODER's ``encoder``); ``vae`` encodes and normalises latents as the DiT was trained on them."""
     pixels, specs = render_pool(clips, seed, held_out=True)
     moving = torch.tensor([spec.motion != "still" for spec in specs])
     if not moving.any():
         raise ValueError(f"clips={clips}: none of them moves, so there is no direction to probe; probe more clips (e.g. 32)")
     device = next(dit.parameters()).device
     x0 = torch.cat([vae.normalize(vae.encode(to_video(pixels[i: i + batch]).to(device))) for i in range(0, clips, batch)])
-    captions = {"true": [recaption_as(spec, spec.seed * 31 + 7) for spec in specs], "text": [""] * clips}
+    captions = {"true": [recaption(spec, spec.seed * 31 + 7) for spec in specs], "text": [""] * clips}
     for name, change in CHANGES.items():
-        captions[name] = [recaption_as(spec, spec.seed * 31 + 7, **change(spec)) for spec in specs]
-    contexts = {name: encode_text(texts).to(device, torch.float32) for name, texts in captions.items()}
+        captions[name] = [recaption(spec, spec.seed * 31 + 7, **change(spec)) for spec in specs]
+    contexts = {name: encoder.encode(texts, text_len).embeddings.to(device, torch.float32) for name, texts in captions.items()}
     generator = torch.Generator().manual_seed(seed)
     losses = {name: torch.zeros(clips) for name in captions}
     for sigma in SIGMAS:

@@ -100,15 +100,11 @@ def sample_spec(seed: int, held_out: bool = False) -> ClipSpec:
     return ClipSpec(shape, colour, motion, background, _caption(rng, shape, colour, motion, background, held_out), seed)
 
 
-def recaption(spec: ClipSpec, seed: int) -> str:
+def recaption(spec: ClipSpec, seed: int, **changes: str) -> str:
     """Another caption of the same clip (same shape, colour, motion and background), drawn from ``seed``
-    among the templates and phrasings of the clip's own split (training or held out)."""
-    return _caption(random.Random(seed), spec.shape, spec.colour, spec.motion, spec.background, spec.combo_held_out)
-
-
-def recaption_as(spec: ClipSpec, seed: int, **changes: str) -> str:
-    """``recaption(spec, seed)`` with attributes changed (e.g. ``motion="left"``): the same template, size
-    word and phrase slot in the clip's own split, so only the changed attributes' words differ."""
+    among the templates and phrasings of the clip's own split (training or held out). ``changes`` (e.g.
+    ``motion="left"``) change attributes and nothing else: the same template, size word and phrase slot,
+    so only the changed attributes' words differ from the caption without them."""
     changed = replace(spec, **changes)
     return _caption(random.Random(seed), changed.shape, changed.colour, changed.motion, changed.background, spec.combo_held_out)
 
