@@ -36,8 +36,8 @@ def measure(clips: int, size: int, vae_path: str | None = None, log=print) -> di
     from comfyui_spacetime.model_defs.builtin import builtin_vae
     from comfyui_spacetime.model_defs.bundles import SpacetimeVAE
     from comfyui_spacetime.model_defs.checkpoint import load_vae
-    from comfyui_spacetime.model_defs.conditioning import latent_frame_of
-    from comfyui_spacetime.model_defs.pipeline import decode_frames, encode_frames
+    from comfyui_spacetime.model_defs.sizes import latent_frame_of
+    from comfyui_spacetime.jobs.vae_frames import decode_frames, encode_frames
     from comfyui_spacetime.training.procedural import render, sample_spec
 
     cpu = torch.device("cpu")

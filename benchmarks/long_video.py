@@ -26,7 +26,7 @@ from spacetime_bootstrap import load_package
 load_package()
 torch.set_num_threads(threads)
 from comfyui_spacetime.model_defs.builtin import BUILTIN_MODEL, BUILTIN_TEXT_ENCODER, BUILTIN_VAE
-from comfyui_spacetime.model_defs.long_video import plan_long_video
+from comfyui_spacetime.jobs.long_video import plan_long_video
 from comfyui_spacetime.nodes.loaders import SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
 from comfyui_spacetime.nodes.long_video import SpacetimeLongVideo
 from comfyui_spacetime.nodes.sampling import SpacetimeTextEncode
@@ -40,7 +40,7 @@ start = time.perf_counter()
 (video,) = SpacetimeLongVideo().generate(model, vae, positive, negative, 64, 64, frames, 17, 5, 0, steps, 5.0, 5.0, "unipc", 1.0)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"frames": video.shape[0], "chunks": plan_long_video(frames, 17, 5, 4).chunks, "seconds": seconds,
+print(json.dumps({"frames": video.shape[0], "chunks": plan_long_video(vae.video_rules, 64, 64, frames, 17, 5).chunks, "seconds": seconds,
                   "peak_mb": peak / 1024, "above_baseline_mb": (peak - base) / 1024,
                   "output_mb": video.numel() * video.element_size() / 2**20}))
 """

@@ -23,8 +23,9 @@ load_package()
 from comfyui_spacetime.kernels import REFERENCE  # noqa: E402
 from comfyui_spacetime.model_defs.builtin import builtin_model, builtin_text_encoder, builtin_vae  # noqa: E402
 from comfyui_spacetime.model_defs.bundles import SpacetimeConditioning  # noqa: E402
-from comfyui_spacetime.model_defs.packed_sampling import PackedItem, generate_packed, item_tokens  # noqa: E402
-from comfyui_spacetime.model_defs.pipeline import empty_latent, generate  # noqa: E402
+from comfyui_spacetime.jobs.packed import PackedItem, generate_packed, item_tokens  # noqa: E402
+from comfyui_spacetime.jobs.text_to_video import empty_latent, generate  # noqa: E402
+from comfyui_spacetime.model_defs.flow_matching import SolverSettings  # noqa: E402
 
 PROMPTS = (
     "a red circle drifts to the left on a grey background",
@@ -68,12 +69,12 @@ def main() -> None:
 
     def sequential():
         return [
-            generate(model, item.positive, item.negative, torch.zeros(item.latent_shape), item.seed, args.steps, args.cfg, 5.0, args.scheduler, 1.0, device)
+            generate(model, item.positive, item.negative, torch.zeros(item.latent_shape), item.seed, SolverSettings(args.steps, args.cfg, 5.0, args.scheduler, 1.0), device)
             for item in items
         ]
 
     def packed():
-        return generate_packed(model, items, args.steps, args.cfg, 5.0, args.scheduler, device, max_tokens=1 << 24)
+        return generate_packed(model, items, SolverSettings(args.steps, args.cfg, 5.0, args.scheduler), device, max_tokens=1 << 24)
 
     sequential()  # warm-up: allocator, RoPE table cache
     seq_s, seq_out = _best_time(sequential, args.repeats)

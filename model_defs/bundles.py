@@ -9,12 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .sizes import SPATIAL_PATCH, SizeRules, patch_grid
 from .text_encoders import EncodedText
 from .wan_dit import WanDiT
-from .wan_vae import WanVAE, WanVAEConfig
-
-# Every supported DiT cuts latents into 2x2 patches in space; the sampler checks its model's own patch.
-SPATIAL_PATCH = 2
+from .wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,6 +55,43 @@ class SpacetimeModel:
     def config(self):
         return self.dit.config
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the DiT computes in."""
+        return self.dit.patch_embedding.weight.dtype
+
+    def check_latent(self, latent_shape: tuple[int, ...], what: str = "latent") -> tuple[int, int, int]:
+        """The patch grid of a latent ``[B,C,T',h,w]`` this DiT can sample; ValueError saying what is wrong."""
+        if len(latent_shape) != 5:
+            raise ValueError(f"{what} must be a video latent [B,C,T,H,W], got shape {tuple(latent_shape)}")
+        if latent_shape[1] != self.config.in_dim:
+            raise ValueError(
+                f"{what} has {latent_shape[1]} channels but model {self.name} takes {self.config.in_dim}; "
+                "use the VAE that matches the model"
+            )
+        try:
+            return patch_grid(latent_shape, self.config.patch_size)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc} of model {self.name}") from None
+
+    def text_context(self, cond: "SpacetimeConditioning", which: str, batch: int, device) -> torch.Tensor:
+        """Context ``[batch, text_len, text_dim]`` in the DiT's dtype: the prompt's token embeddings
+        zero-padded or cut to the model's text length, as Wan does (no mask: Wan, diffusers and ComfyUI
+        attend to the padding too)."""
+        cfg = self.config
+        emb = cond.text.embeddings  # [n, L, D]
+        if emb.shape[-1] != cfg.text_dim:
+            raise ValueError(
+                f"{which} conditioning comes from {cond.encoder_name} (dim {emb.shape[-1]}) but the model "
+                f"{self.name} expects text embeddings of dim {cfg.text_dim}; use the text encoder that matches the model"
+            )
+        if emb.shape[0] not in (1, batch):
+            raise ValueError(f"{which} conditioning holds {emb.shape[0]} prompts but the latent batch is {batch}")
+        out = torch.zeros(emb.shape[0], cfg.text_len, cfg.text_dim)
+        length = min(cfg.text_len, emb.shape[1])
+        out[:, :length] = emb[:, :length]
+        return out.expand(batch, -1, -1).to(device=device, dtype=self.dtype)
+
 
 @dataclass(frozen=True, eq=False)
 class SpacetimeVAE:
@@ -81,6 +116,20 @@ class SpacetimeVAE:
     def latent_channels(self) -> int:
         return self.vae.config.z_dim
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def frame_rules(self) -> SizeRules:
+        """What the VAE alone encodes: sides multiples of its spatial factor, 1 + tf*k frames."""
+        return SizeRules(self.spatial_factor, self.temporal_factor)
+
+    @property
+    def video_rules(self) -> SizeRules:
+        """What a video to generate must be: its latent also cut into the DiTs' spatial patches."""
+        return self.frame_rules.with_patch((1, SPATIAL_PATCH, SPATIAL_PATCH))
+
 
 @dataclass(frozen=True, eq=False)
 class SpacetimeTextEncoder:
@@ -103,3 +152,11 @@ class SpacetimeConditioning:
     @property
     def dim(self) -> int:
         return self.text.embeddings.shape[-1]
+
+
+def any_vae_rules() -> SizeRules:
+    """The loosest video rules of any supported VAE family (the smallest spatial unit): what a size must
+    meet before the VAE it will meet is known, e.g. when a workflow is validated before any model loads.
+    The loaded VAE's own ``video_rules`` are checked again when the job runs."""
+    loosest = min(VAE_PRESETS.values(), key=lambda c: (c.spatial_factor, c.temporal_factor))
+    return SizeRules(loosest.spatial_factor, loosest.temporal_factor).with_patch((1, SPATIAL_PATCH, SPATIAL_PATCH))

@@ -1,24 +1,32 @@
-"""Reading model files (safetensors only), recognising what they hold, and building models from them.
+"""Model files, both directions: reading them (safetensors only), recognising what they hold and building
+models from them; and writing our own (the built-in model's), with their metadata under the keys below.
 
 Models are built on the meta device and their parameters assigned straight from the file, so a
 checkpoint never needs twice its size in RAM. Pickle-based files (.pth/.pt/.ckpt/.bin) are refused.
+Files are written to a temporary name beside the target and renamed when complete.
 """
 from __future__ import annotations
 
 import json
-import math
+import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..kernels import KernelBackend
 from .bundles import LatentFormat, SpacetimeModel
-from .wan_dit import DIT_PRESETS, WanDiT, WanDiTConfig
 from .fp8 import FP8_DTYPES, cast_for_compute, dequantize_fp8, prepare_fp8
-from .wan_layouts import convert_diffusers_dit_state_dict
-from .wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig, convert_diffusers_vae_state_dict, detect_vae_config
+from .wan_dit import DIT_PRESETS, WanDiT, WanDiTConfig
+from .wan_keys import MissingKeysError, convert_diffusers_dit_state_dict, convert_diffusers_vae_state_dict, detect_dit_config, detect_vae_config
+from .wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig
+
+# Metadata keys of the files we write (JSON values): the configs and the latent statistics a DiT was trained in.
+META_DIT_CONFIG = "spacetime_dit_config"
+META_VAE_CONFIG = "spacetime_vae_config"
+META_LATENT_FORMAT = "spacetime_latent_format"
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -118,32 +126,39 @@ def _config_from_metadata(metadata: dict[str, str], key: str) -> dict | None:
     return json.loads(raw) if raw else None
 
 
-def detect_dit_config(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> WanDiTConfig:
-    """The DiT config of a Wan state dict: from the file's metadata when it records one, else from shapes."""
-    stored = _config_from_metadata(metadata or {}, "spacetime_dit_config")
-    if stored is not None:
-        return WanDiTConfig.from_dict(stored)
-    patch_weight = state_dict["patch_embedding.weight"]  # [dim, in_dim, pt, ph, pw]
-    dim, in_dim = patch_weight.shape[:2]
-    patch = tuple(int(s) for s in patch_weight.shape[2:])
-    num_layers = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
-    shapes = dict(
-        dim=dim,
-        in_dim=in_dim,
-        patch_size=patch,
-        num_layers=num_layers,
-        ffn_dim=state_dict["blocks.0.ffn.0.weight"].shape[0],
-        text_dim=state_dict["text_embedding.0.weight"].shape[1],
-        freq_dim=state_dict["time_embedding.0.weight"].shape[1],
-        out_dim=state_dict["head.head.weight"].shape[0] // math.prod(patch),
-        cross_attn_norm="blocks.0.norm3.weight" in state_dict,
-        model_type="i2v" if "img_emb.proj.0.weight" in state_dict else "t2v",
-    )
-    for preset in DIT_PRESETS.values():
-        if all(getattr(preset, name) == value for name, value in shapes.items()):
-            return preset
-    # Every published Wan model uses 128-dimensional heads; the head count is not visible in shapes.
-    return WanDiTConfig(num_heads=dim // 128, **shapes)
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write atomically: a hidden ``.partial`` file beside ``path``, renamed when complete, so a reader (or a
+    run stopped mid-write) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def save_vae(vae: WanVAE, path: str | Path) -> None:
+    """A VAE file our loader reads back with its config (``META_VAE_CONFIG``)."""
+    write_safetensors(path, vae.state_dict(), {META_VAE_CONFIG: json.dumps(vae.config.to_dict())})
+
+
+def save_dit(state_dict: dict[str, torch.Tensor], config: WanDiTConfig, latent_format: LatentFormat, path: str | Path) -> None:
+    """A DiT file (weights stored fp16) with its config and the latent statistics it was trained in."""
+    latent = {"channels": latent_format.channels, "mean": list(latent_format.mean), "std": list(latent_format.std)}
+    write_safetensors(path, {k: v.half() for k, v in state_dict.items()}, {
+        META_DIT_CONFIG: json.dumps(config.to_dict()), META_LATENT_FORMAT: json.dumps(latent)})
+
+
+def _detected(name: str, what: str, detect, state_dict: dict):
+    try:
+        return detect(state_dict)
+    except MissingKeysError as exc:
+        raise CheckpointError(
+            f"{name} is not a whole {what}: it lacks the keys {list(exc.args[0])}. The file may be truncated or "
+            "hold only part of a model; download it again or choose the full model file."
+        ) from None
 
 
 def build_dit(
@@ -186,8 +201,8 @@ def load_vae(path: str | Path, dtype: torch.dtype) -> WanVAE:
     """A Wan VAE from an original/ComfyUI or diffusers-layout safetensors file."""
     name = Path(path).name
     state_dict, metadata = read_family(path, dtype, "Wan VAE", "Wan VAE", convert_diffusers_vae_state_dict)
-    stored = _config_from_metadata(metadata, "spacetime_vae_config")
-    config = WanVAEConfig.from_dict(stored) if stored is not None else detect_vae_config(state_dict)
+    stored = _config_from_metadata(metadata, META_VAE_CONFIG)
+    config = WanVAEConfig.from_dict(stored) if stored is not None else _detected(name, "Wan VAE", detect_vae_config, state_dict)
     with torch.device("meta"):
         model = WanVAE(config)
     try:
@@ -199,7 +214,7 @@ def load_vae(path: str | Path, dtype: torch.dtype) -> WanVAE:
 
 def latent_format_for(config: WanDiTConfig, metadata: dict[str, str], name: str) -> LatentFormat:
     """The latent statistics a DiT was trained with: recorded in the file, or Wan 2.1's for 16 channels."""
-    stored = _config_from_metadata(metadata, "spacetime_latent_format")
+    stored = _config_from_metadata(metadata, META_LATENT_FORMAT)
     if stored is not None:
         return LatentFormat(int(stored["channels"]), tuple(stored["mean"]), tuple(stored["std"]))
     if config.out_dim == VAE_PRESETS["wan2.1"].z_dim:
@@ -214,7 +229,8 @@ def load_model(path: str | Path, dtype: torch.dtype, backend: KernelBackend) -> 
     """SPACETIME_MODEL from a Wan DiT file (original or ComfyUI layout)."""
     name = Path(path).name
     state_dict, metadata = read_family(path, dtype, "Wan DiT", "Wan DiT (diffusion model)", convert_diffusers_dit_state_dict)
-    config = detect_dit_config(state_dict, metadata)
+    stored = _config_from_metadata(metadata, META_DIT_CONFIG)
+    config = WanDiTConfig.from_dict(stored) if stored is not None else _detected(name, "Wan DiT", detect_dit_config, state_dict)
     dit = build_dit(state_dict, config, dtype, backend, name)
     preset = next((key for key, value in DIT_PRESETS.items() if value == config), None)
     return SpacetimeModel(dit, latent_format_for(config, metadata, name), name, preset)

@@ -10,6 +10,7 @@ predictor-corrector (B(h) = e^h - 1 variant, data prediction, order 2), Wan's de
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -42,23 +43,57 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+def _check_scheduler(scheduler: str) -> None:
+    if scheduler not in SOLVERS:
+        raise ValueError(f"scheduler={scheduler!r} is not allowed; allowed values: {list(SOLVERS)}")
+
+
+def _finite(name: str, value, rule: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name}={value!r} is not allowed: it must be {rule}")
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How to sample, validated once: ``steps`` solver steps of ``scheduler`` from noise level 1 (or, with
+    ``denoise < 1``, the tail of a longer schedule) with timestep ``shift`` and guidance scale ``cfg``
+    (1 = no negative pass). Finite numbers only: a NaN cfg would write an all-black video."""
+
+    steps: int = 20
+    cfg: float = 5.0
+    shift: float = 5.0
+    scheduler: str = SOLVERS[0]
+    denoise: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps={self.steps!r} is not allowed: it must be >= 1")
+        _finite("cfg", self.cfg, "a finite number", lambda v: True)
+        _finite("shift", self.shift, "a finite number > 0", lambda v: v > 0)
+        _finite("denoise", self.denoise, "in (0, 1]", lambda v: 0.0 < v <= 1.0)
+        _check_scheduler(self.scheduler)
+
+    @property
+    def guided(self) -> bool:
+        """Whether guidance needs the negative pass."""
+        return self.cfg != 1.0
+
+    def sigmas(self) -> torch.Tensor:
+        """``steps + 1`` descending noise levels ending at 0 (fp64). With ``denoise < 1`` the schedule is
+        that of ``round(steps / denoise)`` steps with only its last ``steps`` run (as ComfyUI does)."""
+        total = max(self.steps, int(round(self.steps / self.denoise)))
+        # Wan's schedule (as diffusers runs it): levels evenly spaced from 1 to 1/1000 before the shift, the
+        # first one kept just below 1 so the log-SNR stays finite, then a final step to 0.
+        base = torch.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, total + 1, dtype=torch.float64)[:-1]
+        sigmas = shift_sigmas(base, self.shift)
+        sigmas[0] = min(float(sigmas[0]), 1.0 - FIRST_LEVEL_EPS)
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+        return sigmas[-(self.steps + 1):]
+
+
 def sampling_sigmas(steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
-    """``steps + 1`` descending noise levels ending at 0 (fp64). With ``denoise < 1`` the schedule is
-    that of ``round(steps / denoise)`` steps with only its last ``steps`` run (as ComfyUI does)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not 0.0 < denoise <= 1.0:
-        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
-    total = max(steps, int(round(steps / denoise)))
-    # Wan's schedule (as diffusers runs it): levels evenly spaced from 1 to 1/1000 before the shift, the
-    # first one kept just below 1 so the log-SNR stays finite, then a final step to 0.
-    base = torch.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, total + 1, dtype=torch.float64)[:-1]
-    sigmas = shift_sigmas(base, shift)
-    sigmas[0] = min(float(sigmas[0]), 1.0 - FIRST_LEVEL_EPS)
-    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
-    return sigmas[-(steps + 1):]
+    """The noise levels of ``SolverSettings(steps=steps, shift=shift, denoise=denoise)``."""
+    return SolverSettings(steps=steps, shift=shift, denoise=denoise).sigmas()
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -110,8 +145,7 @@ def sample(
     """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` starting at ``(1-s0)*x0_start + s0*noise``.
     All tensors ``[B,C,F,H,W]`` fp32 on one device; returns the final sample (fp32). ``guide`` holds
     parts of the sample (known frames) at every model evaluation and at the end."""
-    if solver not in SOLVERS:
-        raise ValueError(f"scheduler must be one of {list(SOLVERS)}, got {solver!r}")
+    _check_scheduler(solver)
     sigma_start = float(sigmas[0])
     x = (1.0 - sigma_start) * x0_start + sigma_start * noise  # [B,C,F,H,W]
     evaluate = _evaluator(velocity_fn, guide)

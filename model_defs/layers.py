@@ -1,4 +1,5 @@
-"""Layers shared by the model families: sinusoidal timestep embedding and 3D RoPE tables.
+"""Layers shared by the model families: patchify/unpatchify, sinusoidal timestep embedding and 3D RoPE
+tables.
 
 Sources: Wan 2.1 (`wan/modules/model.py`) for the cos-first timestep embedding and the split of the
 rotary dimensions between time, height and width; RoFormer (Su et al., 2021) for rotary embeddings.
@@ -9,6 +10,7 @@ import dataclasses
 import functools
 
 import torch
+from einops import rearrange
 
 
 def config_from_dict(cls, data: dict):
@@ -19,6 +21,20 @@ def config_from_dict(cls, data: dict):
     if unknown:
         raise ValueError(f"{cls.__name__} has no fields {unknown}; allowed: {sorted(fields)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def patchify(latent: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """latent ``[..., C, F, H, W]`` -> patch vectors ``[..., F'*H'*W', pt*ph*pw*C]`` in (f, h, w) raster order
+    (the order of the DiT's tokens and of its head's output)."""
+    pt, ph, pw = patch_size
+    return rearrange(latent, "... c (f p) (h q) (w r) -> ... (f h w) (p q r c)", p=pt, q=ph, r=pw)
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """patch vectors ``[..., F'*H'*W', pt*ph*pw*C]`` -> ``[..., C, F, H, W]`` (the inverse of ``patchify``)."""
+    pt, ph, pw = patch_size
+    f, h, w = grid
+    return rearrange(tokens, "... (f h w) (p q r c) -> ... c (f p) (h q) (w r)", f=f, h=h, w=w, p=pt, q=ph, r=pw)
 
 
 def sinusoidal_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

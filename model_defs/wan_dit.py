@@ -13,10 +13,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 
 from ..kernels import KernelBackend, get_backend
-from .layers import config_from_dict, rope_3d_tables, sinusoidal_embedding
+from .layers import config_from_dict, patchify, rope_3d_tables, sinusoidal_embedding, unpatchify
+from .sizes import patch_grid
+from .token_layouts import DenseLayout, PackedLayout, Pack, PackedText, make_pack, pack_text
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ class RMSNorm(nn.Module):
 
 
 class WanAttention(nn.Module):
-    """Multi-head attention with q/k RMSNorm over all heads; self-attention when ``context`` is None."""
+    """Multi-head attention with q/k RMSNorm over all heads; self-attention when ``context`` is None.
+    ``attend(q, k, v, heads)`` is the layout's attention (``token_layouts``)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float, backend: KernelBackend):
         super().__init__()
@@ -77,21 +81,13 @@ class WanAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps, backend)
         self.norm_k = RMSNorm(dim, eps, backend)
-        self._attention = backend.attention
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        context: torch.Tensor | None = None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        key_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        source = x if context is None else context  # [B, Sk, C]
-        q = rearrange(self.norm_q(self.q(x)), "b s (h d) -> b h s d", h=self.num_heads)  # [B,H,Sq,D]
-        k = rearrange(self.norm_k(self.k(source)), "b s (h d) -> b h s d", h=self.num_heads)  # [B,H,Sk,D]
-        v = rearrange(self.v(source), "b s (h d) -> b h s d", h=self.num_heads)  # [B,H,Sk,D]
-        out = self._attention(q, k, v, key_mask=key_mask, rope=rope)  # [B,H,Sq,D]
-        return self.o(rearrange(out, "b h s d -> b s (h d)"))  # [B,Sq,C]
+    def forward(self, x: torch.Tensor, attend, context: torch.Tensor | None = None) -> torch.Tensor:
+        source = x if context is None else context  # [.., Sk, C]
+        q = self.norm_q(self.q(x))  # [.., Sq, C]
+        k = self.norm_k(self.k(source))  # [.., Sk, C]
+        v = self.v(source)  # [.., Sk, C]
+        return self.o(attend(q, k, v, self.num_heads))  # [.., Sq, C]
 
 
 class WanBlock(nn.Module):
@@ -109,22 +105,17 @@ class WanBlock(nn.Module):
         self._modulate = backend.layer_norm_modulate
         self._gated_residual = backend.gated_residual
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        time_mod: torch.Tensor,
-        context: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        context_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        # x [B,S,C]; time_mod [B,6,C] fp32; context [B,L,C]
-        mod = self.modulation.float() + time_mod  # [B,6,C]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unsqueeze(2).unbind(1)  # [B,1,C] each
-        y = self.self_attn(self._modulate(x, shift_msa, scale_msa, self.eps), rope=rope)  # [B,S,C]
-        x = self._gated_residual(x, y, gate_msa)  # [B,S,C]
-        x = x + self.cross_attn(self.norm3(x), context=context, key_mask=context_mask)  # [B,S,C]
-        y = self.ffn(self._modulate(x, shift_mlp, scale_mlp, self.eps))  # [B,S,C]
-        return self._gated_residual(x, y, gate_mlp)  # [B,S,C]
+    def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor, layout) -> torch.Tensor:
+        # x [B,S,C] (dense) or [1,T,C] (packed); time_mod [N,6,C] fp32, one row per sample or sequence;
+        # context [B,L,C] or [1,Tk,C]; layout: DenseLayout | PackedLayout
+        tok = layout.per_token  # [N,C] -> broadcastable to x
+        mod = self.modulation.float() + time_mod  # [N,6,C]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)  # [N,C] each
+        y = self.self_attn(self._modulate(x, tok(shift_msa), tok(scale_msa), self.eps), layout.self_attention)  # like x
+        x = self._gated_residual(x, y, tok(gate_msa))  # like x
+        x = x + self.cross_attn(self.norm3(x), layout.cross_attention, context)  # like x
+        y = self.ffn(self._modulate(x, tok(shift_mlp), tok(scale_mlp), self.eps))  # like x
+        return self._gated_residual(x, y, tok(gate_mlp))  # like x
 
 
 class WanHead(nn.Module):
@@ -135,10 +126,10 @@ class WanHead(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
         self._modulate = backend.layer_norm_modulate
 
-    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
-        # x [B,S,C]; time_emb [B,C] fp32
-        shift, scale = (self.modulation.float() + time_emb[:, None, :]).unsqueeze(2).unbind(1)  # [B,1,C] each
-        return self.head(self._modulate(x, shift, scale, self.eps))  # [B,S,pt*ph*pw*out]
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor, layout) -> torch.Tensor:
+        # x [B,S,C] or [1,T,C]; time_emb [N,C] fp32
+        shift, scale = (self.modulation.float() + time_emb[:, None, :]).unbind(1)  # [N,C] each
+        return self.head(self._modulate(x, layout.per_token(shift), layout.per_token(scale), self.eps))  # [.., pt*ph*pw*out]
 
 
 class WanDiT(nn.Module):
@@ -156,7 +147,7 @@ class WanDiT(nn.Module):
             )
         backend = backend or get_backend()
         self.config = config
-        self.backend = backend  # the resolved kernels, for code that runs these modules another way (packing.py)
+        self.backend = backend  # the resolved kernels; the token layouts attend with them
         self.backend_name = backend.name
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
@@ -187,37 +178,57 @@ class WanDiT(nn.Module):
             if zero_head:
                 self.head.head.weight.zero_()
 
-    def patch_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
-        _, _, frames, height, width = latent_shape
-        pt, ph, pw = self.config.patch_size
-        return frames // pt, height // ph, width // pw
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Velocity ``[B,Cout,F,H,W]`` fp32 for latents ``[B,Cin,F,H,W]`` at timesteps ``[B]`` given context
+        ``[B,L,text_dim]`` (zero-padded text, attended to whole as Wan does)."""
+        cfg = self.config
+        grid = patch_grid(latents.shape, cfg.patch_size)  # (F', H', W')
+        x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))  # [B,C,F',H',W']
+        x = rearrange(x, "b c f h w -> b (f h w) c")  # [B,S,C]
+        layout = DenseLayout(self.backend, rope_3d_tables(grid, cfg.head_dim, device=latents.device))
+        x = self._transformer(x, timesteps, context, layout)  # [B,S,pt*ph*pw*Cout]
+        return unpatchify(x.float(), grid, cfg.patch_size)  # [B,Cout,F,H,W]
 
-    def forward(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        context: torch.Tensor,
-        context_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        # latents [B,Cin,F,H,W]; timesteps [B]; context [B,L,text_dim]; context_mask [B,L] bool or None
+    def forward_packed(self, pack: Pack, tokens: torch.Tensor, timesteps: torch.Tensor, text: PackedText) -> torch.Tensor:
+        """The DiT on a pack: tokens ``[T, pt*ph*pw*in_dim]`` (``patchify`` order), timesteps ``[N]`` (0..1000,
+        one per sequence), text packed ``[Tk, text_dim]`` -> velocity patch vectors ``[T, pt*ph*pw*out_dim]`` fp32."""
+        total = sum(pack.lengths)
+        if tokens.ndim != 2 or tokens.shape[0] != total:
+            raise ValueError(f"tokens must be [{total}, P] for this pack, got {tuple(tokens.shape)}")
+        if timesteps.shape != (pack.num_sequences,) or text.cu_seqlens.shape != pack.cu_seqlens.shape:
+            raise ValueError(
+                f"a pack of {pack.num_sequences} sequences needs {pack.num_sequences} timesteps and contexts, "
+                f"got timesteps {tuple(timesteps.shape)} and {text.cu_seqlens.numel() - 1} contexts"
+            )
+        embed = self.patch_embedding
+        embed_weight = rearrange(embed.weight, "d c p q r -> d (p q r c)")  # [C, P]: the Conv3d as a linear
+        x = F.linear(tokens.to(embed.weight.dtype), embed_weight, embed.bias)[None]  # [1,T,C]
+        x = self._transformer(x, timesteps, text.tokens[None], PackedLayout(self.backend, pack, text))  # [1,T,P']
+        return x[0].float()  # [T,P']
+
+    def forward_videos(self, latents: list[torch.Tensor], timesteps: torch.Tensor, contexts: torch.Tensor) -> list[torch.Tensor]:
+        """N videos of different sizes in one packed pass: latents ``[in_dim, F_i, H_i, W_i]``, timesteps
+        ``[N]``, contexts ``[N, L, text_dim]`` -> N velocities ``[out_dim, F_i, H_i, W_i]`` fp32, each what
+        ``self(latents[i][None], timesteps[i:i+1], contexts[i:i+1])[0]`` gives."""
+        if len(latents) != timesteps.shape[0] or len(latents) != contexts.shape[0]:
+            raise ValueError(f"{len(latents)} latents need as many timesteps and contexts, got {timesteps.shape[0]} and {contexts.shape[0]}")
+        patch = self.config.patch_size
+        grids = [patch_grid(latent.shape, patch) for latent in latents]
+        pack = make_pack(grids, self.config.head_dim, latents[0].device)
+        tokens = torch.cat([patchify(latent, patch) for latent in latents])  # [T,P]
+        out = self.forward_packed(pack, tokens, timesteps, pack_text(contexts))  # [T,P']
+        return [unpatchify(part, grid, patch) for part, grid in zip(out.split(pack.lengths), grids)]
+
+    def _transformer(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, layout) -> torch.Tensor:
+        """Embedded tokens x (``[B,S,C]`` dense, ``[1,T,C]`` packed) through the blocks and the head."""
         cfg = self.config
         dtype = self.patch_embedding.weight.dtype
-        grid = self.patch_grid(latents.shape)  # (F', H', W')
-        x = self.patch_embedding(latents.to(dtype))  # [B,C,F',H',W']
-        x = rearrange(x, "b c f h w -> b (f h w) c")  # [B,S,C]
-        time_emb = self.time_embedding(sinusoidal_embedding(timesteps, cfg.freq_dim).to(dtype)).float()  # [B,C]
-        time_mod = self.time_projection(time_emb.to(dtype)).float().unflatten(1, (6, cfg.dim))  # [B,6,C]
-        ctx = self.text_embedding(context.to(dtype))  # [B,L,C]
-        rope = rope_3d_tables(grid, cfg.head_dim, device=latents.device)  # ([S,D/2], [S,D/2])
+        time_emb = self.time_embedding(sinusoidal_embedding(timesteps, cfg.freq_dim).to(dtype)).float()  # [N,C]
+        time_mod = self.time_projection(time_emb.to(dtype)).float().unflatten(1, (6, cfg.dim))  # [N,6,C]
+        ctx = self.text_embedding(context.to(dtype))  # [B,L,C] or [1,Tk,C]
         for block in self.blocks:
-            x = block(x, time_mod, ctx, rope, context_mask)  # [B,S,C]
-        x = self.head(x, time_emb)  # [B,S,pt*ph*pw*Cout]
-        pt, ph, pw = cfg.patch_size
-        return rearrange(
-            x.float(),
-            "b (f h w) (p q r c) -> b c (f p) (h q) (w r)",
-            f=grid[0], h=grid[1], w=grid[2], p=pt, q=ph, r=pw,
-        )  # [B,Cout,F,H,W]
+            x = block(x, time_mod, ctx, layout)  # like x
+        return self.head(x, time_emb, layout)  # [.., pt*ph*pw*Cout]
 
 
 # Published configs (Wan 2.1 `wan/configs/`, Wan 2.2 TI2V-5B) and the built-in tiny model's.

@@ -9,7 +9,6 @@ chunk in a ``FeatureCache`` passed through the call, so memory is bounded by the
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -107,7 +106,7 @@ class CausalConv3d(nn.Conv3d):
         return out
 
 
-class RMSNorm(nn.Module):
+class ChannelRMSNorm(nn.Module):
     """L2-normalise over channels, times sqrt(C) and a per-channel gain (Wan's ``RMS_norm``)."""
 
     def __init__(self, dim: int, images: bool = True):
@@ -179,8 +178,8 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
         super().__init__()
         self.residual = nn.Sequential(
-            RMSNorm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
-            RMSNorm(out_dim, images=False), nn.SiLU(), nn.Dropout(dropout), CausalConv3d(out_dim, out_dim, 3, padding=1),
+            ChannelRMSNorm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            ChannelRMSNorm(out_dim, images=False), nn.SiLU(), nn.Dropout(dropout), CausalConv3d(out_dim, out_dim, 3, padding=1),
         )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
@@ -196,7 +195,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.norm = RMSNorm(dim)
+        self.norm = ChannelRMSNorm(dim)
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
         # Zero output projection, as Wan initialises it: the block starts as the identity. A random one adds
@@ -237,7 +236,7 @@ class Encoder3d(nn.Module):
                 scale /= 2.0
         self.downsamples = nn.Sequential(*blocks)
         self.middle = nn.Sequential(ResidualBlock(out_dim, out_dim, config.dropout), AttentionBlock(out_dim), ResidualBlock(out_dim, out_dim, config.dropout))
-        self.head = nn.Sequential(RMSNorm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, config.z_dim * 2, 3, padding=1))
+        self.head = nn.Sequential(ChannelRMSNorm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, config.z_dim * 2, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
         x = self.conv1.streamed(x, cache)
@@ -268,7 +267,7 @@ class Decoder3d(nn.Module):
                 blocks.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
                 scale *= 2.0
         self.upsamples = nn.Sequential(*blocks)
-        self.head = nn.Sequential(RMSNorm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, 3, 3, padding=1))
+        self.head = nn.Sequential(ChannelRMSNorm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, 3, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
         x = self.conv1.streamed(x, cache)
@@ -327,77 +326,8 @@ class WanVAE(nn.Module):
                 on_chunk(i + 1, chunks)
         return video
 
-    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, self.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.config.latents_mean, dtype=like.dtype, device=like.device).view(shape)
-        std = torch.tensor(self.config.latents_std, dtype=like.dtype, device=like.device).view(shape)
-        return mean, std
-
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(z)
-        return (z - mean) / std
-
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(z)
-        return z * std + mean
-
 
 VAE_PRESETS: dict[str, WanVAEConfig] = {
     "wan2.1": WanVAEConfig(),
     "tiny": WanVAEConfig(base_dim=24, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16),
 }
-
-
-# diffusers AutoencoderKLWan -> original names. Residual-block parts and top-level renames:
-_RESBLOCK_PARTS = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6", "conv_shortcut": "shortcut"}
-_TOP = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
-_SIDE = {"conv_in": "conv1", "norm_out": "head.0", "conv_out": "head.2"}
-_MID = {("resnets", "0"): "middle.0", ("attentions", "0"): "middle.1", ("resnets", "1"): "middle.2"}
-
-
-def _resblock_rest(rest: str) -> str:
-    part, _, tail = rest.partition(".")
-    return f"{_RESBLOCK_PARTS.get(part, part)}.{tail}" if part in _RESBLOCK_PARTS else rest
-
-
-def convert_diffusers_vae_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers ``AutoencoderKLWan`` keys (Wan 2.1 layout, no attention in the up/down paths) -> original Wan keys."""
-    num_res_blocks = 1 + max(int(m[1]) for k in state_dict if (m := re.match(r"decoder\.up_blocks\.0\.resnets\.(\d+)\.", k))) - 1
-    stage = num_res_blocks + 2  # entries per decoder stage in the flat original list: resblocks + upsampler
-    converted = {}
-    for key, tensor in state_dict.items():
-        side, _, rest = key.partition(".")
-        if side in _TOP:
-            new = f"{_TOP[side]}.{rest}"
-        elif (m := re.match(r"(conv_in|norm_out|conv_out)\.(.+)$", rest)):
-            new = f"{side}.{_SIDE[m[1]]}.{m[2]}"
-        elif (m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", rest)):
-            new = f"{side}.{_MID[(m[1], m[2])]}.{_resblock_rest(m[3])}"
-        elif (m := re.match(r"down_blocks\.(\d+)\.(.+)$", rest)):
-            new = f"{side}.downsamples.{m[1]}.{_resblock_rest(m[2])}"
-        elif (m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", rest)):
-            new = f"{side}.upsamples.{int(m[1]) * stage + int(m[2])}.{_resblock_rest(m[3])}"
-        elif (m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)$", rest)):
-            new = f"{side}.upsamples.{int(m[1]) * stage + num_res_blocks + 1}.{m[2]}"
-        else:
-            raise KeyError(f"unknown key {key!r} in a diffusers-layout Wan VAE")
-        converted[new] = tensor
-    return converted
-
-
-def detect_vae_config(state_dict: dict[str, torch.Tensor]) -> WanVAEConfig:
-    """The config of an original-layout Wan VAE state dict, from its keys and shapes (Wan 2.1 statistics)."""
-    base_dim = state_dict["encoder.conv1.weight"].shape[0]
-    z_dim = state_dict["conv2.weight"].shape[0]
-    entries = sorted({int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.downsamples.")})
-    resamples = [i for i in entries if f"encoder.downsamples.{i}.resample.1.weight" in state_dict]
-    stages = len(resamples) + 1
-    num_res_blocks = (len(entries) - len(resamples)) // stages
-    dim_mult = tuple(
-        state_dict[f"encoder.downsamples.{s * (num_res_blocks + 1)}.residual.2.weight"].shape[0] // base_dim for s in range(stages)
-    )
-    temporal = tuple(f"encoder.downsamples.{i}.time_conv.weight" in state_dict for i in resamples)
-    preset = VAE_PRESETS["wan2.1"]
-    return WanVAEConfig(base_dim=base_dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=num_res_blocks, temporal_downsample=temporal,
-                        latents_mean=preset.latents_mean if z_dim == 16 else (0.0,) * z_dim,
-                        latents_std=preset.latents_std if z_dim == 16 else (1.0,) * z_dim)

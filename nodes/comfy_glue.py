@@ -7,11 +7,13 @@ best local device, and a text progress bar on stderr. ComfyUI modules are import
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
 import weakref
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -68,20 +70,28 @@ def model_file_path(folder: str, name: str, input_name: str) -> Path:
     """Full path of ``name`` in ``folder``; a clear error naming the input when it is missing."""
     folder_paths = _comfy("folder_paths")
     if folder_paths is not None:
+        roots = [Path(p) for p in folder_paths.get_folder_paths(folder)]
         path = folder_paths.get_full_path(folder, name)
-        if path:
+        if path and _inside(Path(path), roots):
             return Path(path)
-        where = ", ".join(folder_paths.get_folder_paths(folder))
     else:
-        for root in (models_dir() / folder, models_dir() / (FOLDER_ALIASES.get(folder) or folder)):
-            if (root / name).is_file():
+        roots = [models_dir() / folder, models_dir() / (FOLDER_ALIASES.get(folder) or folder)]
+        for root in roots:
+            if (root / name).is_file() and _inside(root / name, [root]):
                 return root / name
-        where = str(models_dir() / folder)
+    where = ", ".join(str(root) for root in dict.fromkeys(roots))
     available = list_model_files(folder)
     raise FileNotFoundError(
         f"{input_name}={name!r}: model file not found in the '{folder}' folder ({where}). "
         f"Available: {available or 'none'}; put the file there or pick another."
     )
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    """Whether ``path`` resolves inside one of ``roots`` (a name with '..' or an absolute path, or a link
+    pointing out, does not)."""
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root.resolve()) for root in roots)
 
 
 def torch_device(role: str = "diffusion") -> torch.device:
@@ -137,6 +147,18 @@ def release(module: torch.nn.Module) -> None:
     module.to(offload_device())
 
 
+@contextlib.contextmanager
+def on_device(module: torch.nn.Module, role: str = "diffusion") -> Iterator[torch.device]:
+    """``with on_device(model.dit) as device:`` the module on the device of its ``role`` for the block, then
+    released (``prepare_on_device`` / ``release``), also when the block raises."""
+    device = torch_device(role)
+    prepare_on_device(module, device)
+    try:
+        yield device
+    finally:
+        release(module)
+
+
 def check_interrupt() -> None:
     """Raise ComfyUI's interrupt exception if the user pressed Cancel (no-op outside ComfyUI)."""
     mm = _comfy("comfy.model_management")
@@ -162,3 +184,16 @@ class Progress:
         filled = width * done // max(self.total, 1)
         end = "\n" if done >= self.total else ""
         print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}", end=end, file=sys.stderr, flush=True)
+
+
+def progress_callback(label: str) -> Callable[[int, int], None]:
+    """``on_progress(done, total)`` for jobs whose total is known only once they start (chunks, bytes):
+    the progress bar is made at the first call."""
+    bar: list[Progress] = []
+
+    def update(done: int, total: int) -> None:
+        if not bar:
+            bar.append(Progress(total, label))
+        bar[0].update(done)
+
+    return update

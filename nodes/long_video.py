@@ -1,10 +1,15 @@
 """Long video: text to video beyond the model's trained length, by chained forward extension."""
 from __future__ import annotations
 
-from ..model_defs.long_video import generate_long_video, plan_long_video
+from ..jobs.long_video import generate_long_video, plan_long_video
+from ..model_defs.bundles import any_vae_rules
 from . import comfy_glue
-from .sampling import MAX_SEED, SOLVER_WIDGETS
-from .video_prompts import STRENGTH
+from .widgets import HEIGHT, SEED, SOLVER_WIDGETS, STRENGTH, WIDTH, literal_values, solver_rule, solver_settings, validate_inputs
+
+
+def _plan_rule(values: dict) -> None:
+    width, height, frames, chunk_frames, overlap = literal_values(values, "width", "height", "frames", "chunk_frames", "overlap")
+    plan_long_video(any_vae_rules(), width, height, frames, chunk_frames, overlap)
 
 
 class SpacetimeLongVideo:
@@ -26,21 +31,25 @@ class SpacetimeLongVideo:
                 "vae": ("SPACETIME_VAE",),
                 "positive": ("SPACETIME_CONDITIONING",),
                 "negative": ("SPACETIME_CONDITIONING",),
-                "width": ("INT", {"default": 64, "min": 16, "max": 8192, "step": 16}),
-                "height": ("INT", {"default": 64, "min": 16, "max": 8192, "step": 16}),
+                "width": WIDTH,
+                "height": HEIGHT,
                 "frames": ("INT", {"default": 961, "min": 1, "max": 1_000_000, "tooltip": "Frames of the whole video (any count)."}),
                 "chunk_frames": ("INT", {"default": 17, "min": 5, "max": 4097, "step": 4, "tooltip": "Frames per chunk, 1 + 4k: the model's trained length is best."}),
                 "overlap": ("INT", {"default": 5, "min": 1, "max": 4093, "step": 4, "tooltip": "Frames each chunk shares with the previous one: 1, 5, 9, ... (< chunk_frames)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
+                "seed": SEED,
                 **SOLVER_WIDGETS,
                 "strength": STRENGTH,
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        return validate_inputs(cls, values, _plan_rule, solver_rule)
+
     def generate(self, model, vae, positive, negative, width, height, frames, chunk_frames, overlap, seed, steps, cfg,
                  shift, scheduler, strength):
-        plan = plan_long_video(frames, chunk_frames, overlap, vae.temporal_factor)
-        device, vae_device = comfy_glue.torch_device("diffusion"), comfy_glue.torch_device("vae")
+        settings = solver_settings(steps, cfg, shift, scheduler)
+        plan = plan_long_video(vae.video_rules, width, height, frames, chunk_frames, overlap)
         progress = comfy_glue.Progress(plan.chunks * steps, f"long video ({plan.chunks} chunks)")
         finished = 0  # steps of the chunks already done
 
@@ -48,14 +57,9 @@ class SpacetimeLongVideo:
             nonlocal finished
             finished = done * steps
 
-        comfy_glue.prepare_on_device(model.dit, device)
-        comfy_glue.prepare_on_device(vae.vae, vae_device)
-        try:
+        with comfy_glue.on_device(model.dit) as device, comfy_glue.on_device(vae.vae, "vae") as vae_device:
             video = generate_long_video(
-                model, vae, positive, negative, width, height, plan, seed, steps, cfg, shift, scheduler, strength,
-                device, vae_device, on_chunk=on_chunk, on_step=lambda done, _total: progress.update(finished + done),
+                model, vae, positive, negative, plan, seed, settings, strength, device, vae_device,
+                on_chunk=on_chunk, on_step=lambda done, _total: progress.update(finished + done),
             )
-        finally:
-            comfy_glue.release(model.dit)
-            comfy_glue.release(vae.vae)
         return (video,)

@@ -6,12 +6,12 @@ per video, and so does the headless runner.
 """
 from __future__ import annotations
 
-from ..model_defs.bundles import SPATIAL_PATCH, SpacetimeConditioning
-from ..model_defs.packed_sampling import PackedItem, generate_packed
-from ..model_defs.pipeline import empty_latent
-from ..model_defs.video_list import LINE_FORMAT, parse_video_list
+from ..jobs.packed import PackedItem, generate_packed
+from ..jobs.text_to_video import empty_latent, encode_prompts
+from ..jobs.video_list import LINE_FORMAT, parse_video_list
+from ..model_defs.bundles import any_vae_rules
 from . import comfy_glue
-from .sampling import MAX_SEED, SOLVER_WIDGETS
+from .widgets import SEED, SOLVER_WIDGETS, literal_values, seed_of, solver_rule, solver_settings, validate_inputs
 
 # A 832x480 video of 81 frames is 21 x 30 x 52 = 32760 tokens, twice with cfg: the default fits one,
 # or many small ones; larger budgets need memory in proportion (attention itself stays linear).
@@ -19,23 +19,15 @@ DEFAULT_MAX_TOKENS = 65536
 
 VIDEOS_TOOLTIP = (
     f"One video per line: '{LINE_FORMAT}', e.g. 'a red circle drifts to the left | 64 | 64 | 17'. "
-    "Width and height are multiples of 16 (VAE factor x patch size), frames are 1 + 4k. "
+    "Width and height are multiples of the VAE factor x patch size (16 for Wan 2.1 and the built-in model), "
+    "frames are 1 + 4k. "
     "The prompt is everything before the last three '|'; blank lines and lines starting with # are skipped."
 )
 
 
-def _seed_of(seed: int, index: int) -> int:
-    return (seed + index) % (MAX_SEED + 1)
-
-
-def _encode_each(text_encoder, prompts: list[str]) -> list[SpacetimeConditioning]:
-    """Each prompt encoded alone (as Spacetime Text Encode does), the encoder moved to its device once."""
-    model = text_encoder.encoder.model
-    comfy_glue.prepare_on_device(model, comfy_glue.torch_device("text_encoder"))
-    try:
-        return [SpacetimeConditioning(text_encoder.encoder.encode([p], text_encoder.text_len), text_encoder.name) for p in prompts]
-    finally:
-        comfy_glue.release(model)
+def _videos_rule(values: dict) -> None:
+    (videos,) = literal_values(values, "videos")
+    parse_video_list(videos, any_vae_rules())
 
 
 class SpacetimePackedSampler:
@@ -60,34 +52,31 @@ class SpacetimePackedSampler:
                 "text_encoder": ("SPACETIME_TEXT_ENCODER", {"tooltip": "Encodes each line's prompt and the negative prompt."}),
                 "videos": ("STRING", {"multiline": True, "default": "a red circle drifts to the left over a grey background | 64 | 64 | 17", "tooltip": VIDEOS_TOOLTIP}),
                 "negative": ("STRING", {"multiline": True, "default": "", "tooltip": "Negative prompt, shared by every video."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": "The video on the i-th line of the list (counting from 0, skipped lines not counted) uses seed + i."}),
+                "seed": (SEED[0], {**SEED[1], "tooltip": "The video on the i-th line of the list (counting from 0, skipped lines not counted) uses seed + i."}),
                 **SOLVER_WIDGETS,
                 "max_tokens_per_pack": ("INT", {"default": DEFAULT_MAX_TOKENS, "min": 1, "max": 1 << 24, "tooltip": "Memory budget: at most this many tokens in one packed pass. A video is (1 + (frames-1)/4) x height/16 x width/16 tokens, twice with cfg != 1. Lists over it are split into several packs (logged); a single video over it is an error."}),
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        return validate_inputs(cls, values, _videos_rule, solver_rule)
+
     def sample(self, model, vae, text_encoder, videos, negative, seed, steps, cfg, shift, scheduler, max_tokens_per_pack):
-        requests = parse_video_list(videos, vae.spatial_factor * SPATIAL_PATCH, vae.temporal_factor)
-        negative_cond, *positives = _encode_each(text_encoder, [negative] + [r.prompt for r in requests])
+        settings = solver_settings(steps, cfg, shift, scheduler)
+        requests = parse_video_list(videos, vae.video_rules)
+        with comfy_glue.on_device(text_encoder.encoder.model, "text_encoder"):  # moved once for every prompt
+            negative_cond, *positives = encode_prompts(text_encoder, [negative] + [r.prompt for r in requests])
         items = [
             PackedItem(
                 positive, negative_cond,
                 tuple(empty_latent(vae, request.width, request.height, request.frames, 1).shape),
-                _seed_of(seed, index), request.name,
+                seed_of(seed, index), request.name,
             )
             for index, (request, positive) in enumerate(zip(requests, positives))
         ]
-        device = comfy_glue.torch_device("diffusion")
-        progress = None
-
-        def on_progress(done: int, total: int) -> None:
-            nonlocal progress
-            progress = progress or comfy_glue.Progress(total, "packed sampling")
-            progress.update(done)
-
-        comfy_glue.prepare_on_device(model.dit, device)
-        try:
-            latents = generate_packed(model, items, steps, cfg, shift, scheduler, device, max_tokens_per_pack, on_progress)
-        finally:
-            comfy_glue.release(model.dit)
+        with comfy_glue.on_device(model.dit) as device:
+            latents = generate_packed(
+                model, items, settings, device, max_tokens_per_pack, comfy_glue.progress_callback("packed sampling")
+            )
         return ([{"samples": latent} for latent in latents],)

@@ -1,19 +1,9 @@
 """Text encode, empty video latent and the sampler."""
 from __future__ import annotations
 
-from ..model_defs.bundles import SpacetimeConditioning
-from ..model_defs.flow_matching import SOLVERS
-from ..model_defs.pipeline import empty_latent, generate
+from ..jobs.text_to_video import empty_latent, encode_prompts, generate
 from . import comfy_glue
-
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
-# The solver settings every sampler node offers, in this order (a workflow's widgets_values follow it).
-SOLVER_WIDGETS = {
-    "steps": ("INT", {"default": 20, "min": 1, "max": 1000}),
-    "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-    "shift": ("FLOAT", {"default": 5.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "Timestep shift (Wan: 5 for 720p, 3 for 480p)."}),
-    "scheduler": (list(SOLVERS), {"default": SOLVERS[0]}),
-}
+from .widgets import DENOISE, FRAMES, HEIGHT, KNOWN_FRAMES, SEED, SOLVER_WIDGETS, WIDTH, size_rule, solver_rule, solver_settings, validate_inputs
 
 
 class SpacetimeTextEncode:
@@ -33,13 +23,8 @@ class SpacetimeTextEncode:
         }
 
     def encode(self, text_encoder, text: str):
-        model = text_encoder.encoder.model
-        comfy_glue.prepare_on_device(model, comfy_glue.torch_device("text_encoder"))
-        try:
-            encoded = text_encoder.encoder.encode([text], text_encoder.text_len)
-        finally:
-            comfy_glue.release(model)
-        return (SpacetimeConditioning(encoded, text_encoder.name),)
+        with comfy_glue.on_device(text_encoder.encoder.model, "text_encoder"):
+            return (encode_prompts(text_encoder, [text])[0],)
 
 
 class SpacetimeEmptyLatentVideo:
@@ -53,12 +38,16 @@ class SpacetimeEmptyLatentVideo:
         return {
             "required": {
                 "vae": ("SPACETIME_VAE", {"tooltip": "Sets the latent channels and compression factors."}),
-                "width": ("INT", {"default": 64, "min": 16, "max": 8192, "step": 16}),
-                "height": ("INT", {"default": 64, "min": 16, "max": 8192, "step": 16}),
-                "frames": ("INT", {"default": 17, "min": 1, "max": 4097, "step": 4, "tooltip": "1 + 4k frames."}),
+                "width": WIDTH,
+                "height": HEIGHT,
+                "frames": FRAMES,
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
             }
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        return validate_inputs(cls, values, size_rule)
 
     def generate(self, vae, width: int, height: int, frames: int, batch_size: int):
         return ({"samples": empty_latent(vae, width, height, frames, batch_size)},)
@@ -78,25 +67,26 @@ class SpacetimeSampler:
                 "positive": ("SPACETIME_CONDITIONING",),
                 "negative": ("SPACETIME_CONDITIONING",),
                 "latent": ("LATENT",),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
+                "seed": SEED,
                 **SOLVER_WIDGETS,
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "< 1 keeps part of the input latent (video-to-video)."}),
+                "denoise": DENOISE,
             },
             "optional": {
-                "known_frames": ("SPACETIME_KNOWN_FRAMES", {"tooltip": "Frames to keep in place (image to video, extend, connect)."}),
+                "known_frames": (KNOWN_FRAMES, {"tooltip": "Frames to keep in place (image to video, extend, connect)."}),
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        return validate_inputs(cls, values, solver_rule)
+
     def sample(self, model, positive, negative, latent, seed, steps, cfg, shift, scheduler, denoise, known_frames=None):
-        device = comfy_glue.torch_device("diffusion")
+        settings = solver_settings(steps, cfg, shift, scheduler, denoise)
         progress = comfy_glue.Progress(steps, "sampling")
-        comfy_glue.prepare_on_device(model.dit, device)
-        try:
+        with comfy_glue.on_device(model.dit) as device:
             samples = generate(
-                model, positive, negative, latent["samples"], seed, steps, cfg, shift, scheduler, denoise, device,
+                model, positive, negative, latent["samples"], seed, settings, device,
                 on_step=lambda done, total, _x0: progress.update(done),
                 known=None if known_frames is None else known_frames.known,
             )
-        finally:
-            comfy_glue.release(model.dit)
         return ({**latent, "samples": samples},)

@@ -1,25 +1,8 @@
 """VAE decode (LATENT -> IMAGE frames) and encode (IMAGE frames -> LATENT), streamed chunk by chunk."""
 from __future__ import annotations
 
-from ..model_defs.pipeline import decode_frames, encode_frames
+from ..jobs.vae_frames import decode_frames, encode_frames
 from . import comfy_glue
-
-
-def run_on_vae_device(vae, label: str, job):
-    """``job(device, on_chunk)`` with the VAE on its device and a progress bar named ``label``."""
-    device = comfy_glue.torch_device("vae")
-    comfy_glue.prepare_on_device(vae.vae, device)
-    progress = None
-
-    def on_chunk(done: int, total: int) -> None:
-        nonlocal progress
-        progress = progress or comfy_glue.Progress(total, label)
-        progress.update(done)
-
-    try:
-        return job(device, on_chunk)
-    finally:
-        comfy_glue.release(vae.vae)
 
 
 class SpacetimeVAEDecode:
@@ -33,11 +16,12 @@ class SpacetimeVAEDecode:
         return {"required": {"vae": ("SPACETIME_VAE",), "samples": ("LATENT",)}}
 
     def decode(self, vae, samples):
-        return (run_on_vae_device(vae, "decoding", lambda device, cb: decode_frames(vae, samples["samples"], device, cb)),)
+        with comfy_glue.on_device(vae.vae, "vae") as device:
+            return (decode_frames(vae, samples["samples"], device, comfy_glue.progress_callback("decoding")),)
 
 
 class SpacetimeVAEEncode:
-    DESCRIPTION = "Encodes IMAGE frames (1 + 4k of them, sides multiples of 8) into a video latent."
+    DESCRIPTION = "Encodes IMAGE frames (1 + 4k of them, sides multiples of the VAE's factor) into a video latent."
     CATEGORY = "spacetime/latent"
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "encode"
@@ -47,5 +31,6 @@ class SpacetimeVAEEncode:
         return {"required": {"vae": ("SPACETIME_VAE",), "pixels": ("IMAGE",)}}
 
     def encode(self, vae, pixels):
-        latent = run_on_vae_device(vae, "encoding", lambda device, cb: encode_frames(vae, pixels, device, cb))
+        with comfy_glue.on_device(vae.vae, "vae") as device:
+            latent = encode_frames(vae, pixels, device, comfy_glue.progress_callback("encoding"))
         return ({"samples": latent},)

@@ -3,20 +3,23 @@ result with the given clips. Each prompt node gives the LATENT to sample and the
 (SPACETIME_KNOWN_FRAMES) for the sampler's ``known_frames`` input."""
 from __future__ import annotations
 
-from ..model_defs.video_prompts import DIRECTIONS, connect_videos, extend_video, image_to_video, join_video
-from .vae import run_on_vae_device
+from ..jobs.video_prompts import DIRECTIONS, connect_videos, extend_video, image_to_video, join_video
+from . import comfy_glue
+from .widgets import FRAMES, HEIGHT, KNOWN_FRAMES, STRENGTH, WIDTH, literal_values, size_rule, validate_inputs
 
-KNOWN = "SPACETIME_KNOWN_FRAMES"
-STRENGTH = ("FLOAT", {
-    "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
-    "tooltip": "1 keeps the given frames exactly; lower blends them with what the model generates; 0 ignores them.",
-})
 
 
 def _encoded(vae, make):
-    """Run ``make(device, on_chunk) -> VideoPrompt`` with the VAE on its device; the prompt node outputs."""
-    prompt = run_on_vae_device(vae, "encoding", make)
+    """Run ``make(device, on_chunk) -> KnownFrames`` with the VAE on its device; the prompt node outputs."""
+    with comfy_glue.on_device(vae.vae, "vae") as device:
+        prompt = make(device, comfy_glue.progress_callback("encoding"))
     return ({"samples": prompt.known.empty_target()}, prompt)
+
+
+def _frame_index_rule(values: dict) -> None:
+    frame_index, frames = literal_values(values, "frame_index", "frames")
+    if not 0 <= frame_index < frames:
+        raise ValueError(f"frame_index={frame_index} is outside the video: it has {frames} frames (0 to {frames - 1})")
 
 
 class SpacetimeImageToVideo:
@@ -27,7 +30,7 @@ class SpacetimeImageToVideo:
         "... The image must have the video's width and height."
     )
     CATEGORY = "spacetime/conditioning"
-    RETURN_TYPES = ("LATENT", KNOWN)
+    RETURN_TYPES = ("LATENT", KNOWN_FRAMES)
     RETURN_NAMES = ("latent", "known_frames")
     FUNCTION = "place"
 
@@ -37,13 +40,17 @@ class SpacetimeImageToVideo:
             "required": {
                 "vae": ("SPACETIME_VAE",),
                 "image": ("IMAGE", {"tooltip": "One image, or several frames placed one after another."}),
-                "width": ("INT", {"default": 64, "min": 16, "max": 8192, "step": 16}),
-                "height": ("INT", {"default": 64, "min": 16, "max": 8192, "step": 16}),
-                "frames": ("INT", {"default": 17, "min": 1, "max": 4097, "step": 4, "tooltip": "1 + 4k frames."}),
+                "width": WIDTH,
+                "height": HEIGHT,
+                "frames": FRAMES,
                 "frame_index": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": "Where the image goes: 0 = first frame, frames - 1 = last."}),
                 "strength": STRENGTH,
             }
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        return validate_inputs(cls, values, size_rule, _frame_index_rule)
 
     def place(self, vae, image, width, height, frames, frame_index, strength):
         return _encoded(vae, lambda device, cb: image_to_video(vae, image, width, height, frames, frame_index, strength, device, cb))
@@ -56,7 +63,7 @@ class SpacetimeExtendVideo:
         "and new_frames (1, 5, 9, ...) come before. Sample, decode, then Spacetime Join Video gives the whole clip."
     )
     CATEGORY = "spacetime/conditioning"
-    RETURN_TYPES = ("LATENT", KNOWN)
+    RETURN_TYPES = ("LATENT", KNOWN_FRAMES)
     RETURN_NAMES = ("latent", "known_frames")
     FUNCTION = "extend"
 
@@ -73,6 +80,10 @@ class SpacetimeExtendVideo:
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        return validate_inputs(cls, values)
+
     def extend(self, vae, video, direction, overlap, new_frames, strength):
         return _encoded(vae, lambda device, cb: extend_video(vae, video, direction, overlap, new_frames, strength, device, cb))
 
@@ -85,7 +96,7 @@ class SpacetimeConnectVideos:
         "Spacetime Join Video gives A + bridge + B."
     )
     CATEGORY = "spacetime/conditioning"
-    RETURN_TYPES = ("LATENT", KNOWN)
+    RETURN_TYPES = ("LATENT", KNOWN_FRAMES)
     RETURN_NAMES = ("latent", "known_frames")
     FUNCTION = "connect"
 
@@ -101,6 +112,10 @@ class SpacetimeConnectVideos:
                 "strength": STRENGTH,
             }
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        return validate_inputs(cls, values)
 
     def connect(self, vae, clip_a, clip_b, overlap, bridge_frames, strength):
         return _encoded(vae, lambda device, cb: connect_videos(vae, clip_a, clip_b, overlap, bridge_frames, strength, device, cb))
@@ -120,7 +135,7 @@ class SpacetimeJoinVideo:
         return {
             "required": {
                 "images": ("IMAGE", {"tooltip": "The decoded output of the sampler that used known_frames."}),
-                "known_frames": (KNOWN,),
+                "known_frames": (KNOWN_FRAMES,),
             }
         }
 

@@ -24,7 +24,7 @@ def test_size_not_multiple_of_patch_times_vae(vae, width, height, name, nearest)
         SpacetimeEmptyLatentVideo().generate(vae, width, height, 17, 1)
 
 
-@pytest.mark.parametrize("frames, nearest", [(16, "[13, 17]"), (0, "[1, 5]"), (18, "[17, 21]")])
+@pytest.mark.parametrize("frames, nearest", [(16, "[13, 17]"), (0, "[1]"), (18, "[17, 21]")])
 def test_frames_not_one_plus_4k(vae, frames, nearest):
     with pytest.raises(ValueError, match=rf"frames={frames} is not allowed: it must be 1 \+ 4\*k.*nearest allowed values: {nearest}".replace("[", r"\[").replace("]", r"\]")):
         SpacetimeEmptyLatentVideo().generate(vae, 64, 64, frames, 1)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from comfyui_spacetime.model_defs.flow_matching import initial_noise, sample, sampling_sigmas, shift_sigmas
+from comfyui_spacetime.model_defs.flow_matching import SolverSettings, initial_noise, sample, sampling_sigmas, shift_sigmas
 
 
 def test_sigmas_shifted_descending_to_zero():
@@ -55,3 +55,21 @@ def test_guidance_batches_both_passes_and_skips_the_negative_at_cfg_1():
     torch.testing.assert_close(guided_velocity(model, pos, neg, 4.0)(x, t), x * (1 + 4.0 * (3 - 1)))
     torch.testing.assert_close(guided_velocity(model, pos, neg, 1.0)(x, t), x * 3)
     assert calls == [4, 2]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("cfg", float("nan")), ("cfg", float("inf")), ("shift", float("nan")), ("shift", -1.0), ("shift", float("inf")),
+    ("denoise", float("nan")), ("denoise", 0.0), ("steps", 0), ("steps", 2.5), ("steps", True), ("scheduler", "ddim"),
+])
+def test_solver_settings_refuse_non_finite_and_out_of_range_values(field, value):
+    """A NaN cfg used to run every step and write an all-black video: settings are checked once, up front."""
+    with pytest.raises(ValueError, match=rf"^{field}=.* is not allowed"):
+        SolverSettings(**{field: value})
+
+
+def test_solver_settings_are_frozen_and_know_when_guidance_needs_a_negative_pass():
+    settings = SolverSettings(steps=4, cfg=1.0)
+    assert not settings.guided and SolverSettings(cfg=1.5).guided
+    with pytest.raises(Exception):
+        settings.cfg = 2.0
+    assert torch.equal(settings.sigmas(), sampling_sigmas(4, 5.0))

@@ -5,20 +5,24 @@ import pytest
 import torch
 
 from comfyui_spacetime.kernels import REFERENCE
-from comfyui_spacetime.model_defs import long_video
+from comfyui_spacetime.jobs import long_video
 from comfyui_spacetime.model_defs.builtin import builtin_model, builtin_vae
 from comfyui_spacetime.model_defs.bundles import SpacetimeConditioning
-from comfyui_spacetime.model_defs.long_video import plan_long_video
-from comfyui_spacetime.model_defs.pipeline import decode_frames, empty_latent, generate
+from comfyui_spacetime.jobs.long_video import plan_long_video
+from comfyui_spacetime.jobs.text_to_video import empty_latent, generate
+from comfyui_spacetime.jobs.vae_frames import decode_frames
 from comfyui_spacetime.model_defs.text_encoders import EncodedText
 from comfyui_spacetime.nodes.long_video import SpacetimeLongVideo
+from comfyui_spacetime.model_defs.flow_matching import SolverSettings
+from comfyui_spacetime.model_defs.sizes import SizeRules
 
 CPU = torch.device("cpu")
+VIDEO_RULES = SizeRules(8, 4, (1, 2, 2))  # the built-in and Wan 2.1 VAE under a 2x2-patch DiT
 
 
 @pytest.mark.parametrize("frames, chunks", [(1, 1), (17, 1), (18, 2), (29, 2), (30, 3), (961, 80)])
 def test_chunk_count_covers_the_frames(frames, chunks):
-    plan = plan_long_video(frames, 17, 5, 4)
+    plan = plan_long_video(VIDEO_RULES, 64, 64, frames, 17, 5)
     assert plan.chunks == chunks
     assert plan.chunk_frames + (plan.chunks - 1) * plan.new_per_chunk >= frames  # enough frames...
     if chunks > 1:  # ...and not a whole chunk more than needed
@@ -27,14 +31,14 @@ def test_chunk_count_covers_the_frames(frames, chunks):
 
 @pytest.mark.parametrize("frames, chunk_frames, overlap, match", [
     (0, 17, 5, r"frames=0 is not allowed: it must be >= 1"),
-    (100, 16, 5, r"chunk_frames=16 is not allowed: it must be 1 \+ 4\*k .*nearest: \[13, 17\]"),
+    (100, 16, 5, r"chunk_frames=16 is not allowed: it must be 1 \+ 4\*k .*nearest: 13, 17\)"),
     (100, 1, 1, r"chunk_frames=1 is not allowed"),
-    (100, 17, 4, r"overlap=4 is not allowed with chunk_frames=17: it must be 1 \+ 4\*m .*nearest: \[1, 5\]"),
-    (100, 17, 17, r"overlap=17 is not allowed with chunk_frames=17: .*smaller than chunk_frames.*nearest: \[13\]"),
+    (100, 17, 4, r"overlap=4 is not allowed with chunk_frames=17: it must be 1 \+ 4\*m .*nearest: 1, 5\)"),
+    (100, 17, 17, r"overlap=17 is not allowed with chunk_frames=17: .*smaller than chunk_frames.*nearest: 13\)"),
 ])
 def test_bad_lengths_name_the_input_and_the_allowed_values(frames, chunk_frames, overlap, match):
     with pytest.raises(ValueError, match=match):
-        plan_long_video(frames, chunk_frames, overlap, 4)
+        plan_long_video(VIDEO_RULES, 64, 64, frames, chunk_frames, overlap)
 
 
 def _text(seed: int) -> SpacetimeConditioning:
@@ -70,7 +74,7 @@ def test_chunks_continue_the_video_at_one_chunks_size(monkeypatch):
     torch.testing.assert_close(extended[1][0], video[24:29], rtol=0, atol=0)
     # the first chunk is plain text to video with the node's seed
     latent = empty_latent(vae, 64, 64, 17, 1)
-    plain = decode_frames(vae, real_generate(model, positive, negative, latent, seed, steps, 3.0, 3.0, "unipc", 1.0, CPU), CPU)
+    plain = decode_frames(vae, real_generate(model, positive, negative, latent, seed, SolverSettings(steps, 3.0, 3.0, "unipc"), CPU), CPU)
     torch.testing.assert_close(video[:17], plain, rtol=0, atol=0)
 
 

@@ -88,10 +88,11 @@ def _resolve(path: Path, level: int, module: str) -> str:
 
 
 @pytest.mark.parametrize("layer, forbidden", [
-    ("model_defs", {"nodes", "headless", "training", "<root>", "external:comfy", "external:folder_paths", "external:comfy_extras"}),
-    ("kernels", {"nodes", "headless", "model_defs", "training", "<root>", "external:comfy", "external:folder_paths"}),
+    ("jobs", {"nodes", "headless", "training", "<root>", "external:comfy", "external:folder_paths", "external:comfy_extras"}),
+    ("model_defs", {"jobs", "nodes", "headless", "training", "<root>", "external:comfy", "external:folder_paths", "external:comfy_extras"}),
+    ("kernels", {"jobs", "nodes", "headless", "model_defs", "training", "<root>", "external:comfy", "external:folder_paths"}),
     ("nodes", {"headless", "training", "<root>"}),
-    ("training", {"nodes", "headless", "<root>", "external:comfy", "external:folder_paths"}),
+    ("training", {"jobs", "nodes", "headless", "<root>", "external:comfy", "external:folder_paths"}),
 ])
 def test_import_direction(layer, forbidden):
     files = sorted((ROOT / layer).rglob("*.py"))
@@ -100,6 +101,20 @@ def test_import_direction(layer, forbidden):
         for level, module in _imports(path):
             target = _resolve(path, level, module)
             assert target not in forbidden, f"{path.relative_to(ROOT)} imports {module!r} (level {level}): {layer}/ may not"
+
+
+# node files share only these modules; a node file never imports another node file
+NODE_SHARED_MODULES = {"comfy_glue", "widgets"}
+
+
+def test_no_node_file_imports_another_node_file():
+    for path in sorted((ROOT / "nodes").glob("*.py")):
+        if path.stem in NODE_SHARED_MODULES | {"__init__"}:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import ... / from . import x, y
+                targets = [node.module.split(".")[0]] if node.module else [alias.name for alias in node.names]
+                assert set(targets) <= NODE_SHARED_MODULES, f"nodes/{path.name} imports {targets} from nodes/"
 
 
 def test_only_glue_module_mentions_comfyui_packages():

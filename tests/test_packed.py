@@ -11,16 +11,19 @@ import torch.nn as nn
 
 from comfyui_spacetime.kernels import REFERENCE
 from comfyui_spacetime.model_defs.bundles import LatentFormat, SpacetimeConditioning, SpacetimeModel, SpacetimeTextEncoder
-from comfyui_spacetime.model_defs.packed_sampling import PackedItem, generate_packed, plan_packs
-from comfyui_spacetime.model_defs.packing import packed_forward, patchify, unpatchify
-from comfyui_spacetime.model_defs.pipeline import generate
+from comfyui_spacetime.jobs.packed import PackedItem, generate_packed, plan_packs
+from comfyui_spacetime.model_defs.layers import patchify, unpatchify
+from comfyui_spacetime.jobs.text_to_video import generate
 from comfyui_spacetime.model_defs.text_encoders import EncodedText
-from comfyui_spacetime.model_defs.video_list import parse_video_list
+from comfyui_spacetime.jobs.video_list import parse_video_list
 from comfyui_spacetime.model_defs.wan_dit import WanDiT, WanDiTConfig
 from comfyui_spacetime.nodes.packed import SpacetimePackedSampler
+from comfyui_spacetime.model_defs.flow_matching import SolverSettings
+from comfyui_spacetime.model_defs.sizes import SizeRules
 
 CONFIG = WanDiTConfig(dim=128, ffn_dim=256, freq_dim=64, text_dim=48, text_len=16, num_heads=2, num_layers=2)
 CPU = torch.device("cpu")
+VIDEO_RULES = SizeRules(8, 4, (1, 2, 2))  # the built-in and Wan 2.1 VAE under a 2x2-patch DiT
 # odd sizes, a 1-latent-frame video among them: [C, F, H, W] latents (patch 1x2x2)
 SHAPES = [(16, 3, 4, 6), (16, 1, 6, 2), (16, 2, 2, 10)]
 
@@ -80,11 +83,10 @@ def test_packed_forward_equals_forward_of_each_video():
     latents = [torch.randn(shape, generator=generator) for shape in SHAPES]
     timesteps = torch.tensor([999.0, 420.5, 3.0])
     contexts = torch.randn(3, CONFIG.text_len, CONFIG.text_dim, generator=generator)
-    masks = torch.arange(CONFIG.text_len)[None] < torch.tensor([[16], [5], [1]])  # ragged text lengths
     with torch.inference_mode():
-        packed = packed_forward(dit, latents, timesteps, contexts, masks)
+        packed = dit.forward_videos(latents, timesteps, contexts)
         for i, latent in enumerate(latents):
-            alone = dit(latent[None], timesteps[i : i + 1], contexts[i : i + 1], masks[i : i + 1])[0]
+            alone = dit(latent[None], timesteps[i : i + 1], contexts[i : i + 1])[0]
             assert packed[i].shape == alone.shape == latent.shape
             assert (packed[i] - alone).abs().max() <= 1e-5
             assert alone.abs().max() > 0.1  # a real prediction, not zeros on both sides
@@ -94,7 +96,7 @@ def test_packed_forward_runs_one_varlen_attention_per_layer_for_all_videos():
     backend, recorder = _recording_backend()
     latents = [torch.randn(shape) for shape in SHAPES]
     with torch.inference_mode():
-        packed_forward(_dit(backend), latents, torch.tensor([900.0, 500.0, 10.0]), torch.randn(3, CONFIG.text_len, CONFIG.text_dim))
+        _dit(backend).forward_videos(latents, torch.tensor([900.0, 500.0, 10.0]), torch.randn(3, CONFIG.text_len, CONFIG.text_dim))
     video_bounds = [0, 18, 21, 31]  # 3*2*3, 1*3*1, 2*1*5 patches
     text_bounds = [0, 16, 32, 48]
     assert len(recorder.calls) == 2 * CONFIG.num_layers  # self- and cross-attention of each block, every video at once
@@ -120,17 +122,16 @@ def test_packed_forward_on_the_triton_kernels_equals_the_reference_model(monkeyp
     latents = [torch.randn(shape, generator=torch.Generator().manual_seed(3)) for shape in SHAPES]
     timesteps = torch.tensor([900.0, 400.0, 5.0])
     contexts = torch.randn(3, CONFIG.text_len, CONFIG.text_dim, generator=torch.Generator().manual_seed(4))
-    masks = torch.arange(CONFIG.text_len)[None] < torch.tensor([[16], [5], [1]])
 
     def refuse(*args, **kwargs):
         raise AssertionError("the Triton backend fell back to a reference")
 
     with torch.inference_mode():
-        expected = [reference(latent[None], timesteps[i : i + 1], contexts[i : i + 1], masks[i : i + 1])[0] for i, latent in enumerate(latents)]
+        expected = [reference(latent[None], timesteps[i : i + 1], contexts[i : i + 1])[0] for i, latent in enumerate(latents)]
         for module, name in ((varlen_module, "attention_varlen_ref"), (adaln_module, "layer_norm_modulate_ref"),
                              (adaln_module, "gated_residual_ref"), (rmsnorm_module, "rms_norm_ref")):
             monkeypatch.setattr(module, name, refuse)
-        packed = packed_forward(fused, latents, timesteps, contexts, masks)
+        packed = fused.forward_videos(latents, timesteps, contexts)
     for got, want in zip(packed, expected):
         assert (got - want).abs().max() <= 1e-5
 
@@ -150,25 +151,25 @@ def model():
 @pytest.mark.parametrize("scheduler, cfg", [("euler", 4.0), ("unipc", 4.0), ("unipc", 1.0)])
 def test_packed_sampling_equals_generate_alone(model, scheduler, cfg):
     items = _items()
-    packed = generate_packed(model, items, 3, cfg, 3.0, scheduler, CPU, max_tokens=10_000)
+    packed = generate_packed(model, items, SolverSettings(3, cfg, 3.0, scheduler), CPU, max_tokens=10_000)
     for item, latent in zip(items, packed):
-        alone = generate(model, item.positive, item.negative, torch.zeros(item.latent_shape), item.seed, 3, cfg, 3.0, scheduler, 1.0, CPU)
+        alone = generate(model, item.positive, item.negative, torch.zeros(item.latent_shape), item.seed, SolverSettings(3, cfg, 3.0, scheduler, 1.0), CPU)
         assert latent.shape == alone.shape == item.latent_shape
         assert (latent - alone).abs().max() <= 1e-4
 
 
 def test_packed_sampling_is_one_pack_of_positives_and_negatives_per_step():
     backend, recorder = _recording_backend()
-    generate_packed(_model(backend), _items(), 2, 4.0, 3.0, "euler", CPU, max_tokens=10_000)
+    generate_packed(_model(backend), _items(), SolverSettings(2, 4.0, 3.0, "euler"), CPU, max_tokens=10_000)
     assert len(recorder.calls) == 2 * 2 * CONFIG.num_layers  # steps x (self + cross) x layers
     assert all(call.cu_q == [0, 18, 21, 31, 49, 52, 62] for call in recorder.calls)  # 3 positives, then 3 negatives
 
 
 def test_over_budget_splits_into_packs_with_the_same_results(model, caplog):
     items = _items()
-    one_pack = generate_packed(model, items, 2, 4.0, 3.0, "unipc", CPU, max_tokens=62)
+    one_pack = generate_packed(model, items, SolverSettings(2, 4.0, 3.0, "unipc"), CPU, max_tokens=62)
     with caplog.at_level(logging.INFO):
-        split = generate_packed(model, items, 2, 4.0, 3.0, "unipc", CPU, max_tokens=40)  # 36 + 6 + 20 tokens with cfg: [36], [6, 20]
+        split = generate_packed(model, items, SolverSettings(2, 4.0, 3.0, "unipc"), CPU, max_tokens=40)  # 36 + 6 + 20 tokens with cfg: [36], [6, 20]
     assert [r.message for r in caplog.records if "packs" in r.message] == [
         "Spacetime: 3 videos need 62 tokens with cfg (positive + negative), more than max_tokens_per_pack=40; sampling them in 2 packs"
     ]
@@ -183,12 +184,12 @@ def test_plan_packs_is_first_fit_in_order():
 
 def test_a_single_video_over_the_budget_is_an_error_naming_it(model):
     with pytest.raises(ValueError, match=r"the video on item 0 needs 36 tokens \(counted twice with cfg != 1.*\), more than max_tokens_per_pack=35; raise max_tokens_per_pack"):
-        generate_packed(model, _items(), 2, 4.0, 3.0, "euler", CPU, max_tokens=35)
+        generate_packed(model, _items(), SolverSettings(2, 4.0, 3.0, "euler"), CPU, max_tokens=35)
 
 
 def test_video_list_parses_sizes_comments_and_prompts_with_bars():
     text = "# my list\n a red circle | 64 | 64 | 17\n\nA | B: a choice | 96|32|1\n"
-    requests = parse_video_list(text, 16, 4)
+    requests = parse_video_list(text, VIDEO_RULES)
     assert [(r.prompt, r.width, r.height, r.frames, r.line) for r in requests] == [
         ("a red circle", 64, 64, 17, 2), ("A | B: a choice", 96, 32, 1, 4)
     ]
@@ -208,7 +209,7 @@ def test_video_list_parses_sizes_comments_and_prompts_with_bars():
 )
 def test_bad_video_lines_are_named_by_line_number(text, message):
     with pytest.raises(ValueError, match=message):
-        parse_video_list(text, 16, 4)
+        parse_video_list(text, VIDEO_RULES)
 
 
 class _HashEncoder:
@@ -221,7 +222,7 @@ class _HashEncoder:
         return cond.text
 
 
-_VAE = SimpleNamespace(spatial_factor=8, temporal_factor=4, latent_channels=16)
+_VAE = SimpleNamespace(spatial_factor=8, temporal_factor=4, latent_channels=16, video_rules=VIDEO_RULES)
 
 
 def _node_inputs(model, **overrides):
@@ -238,7 +239,7 @@ def test_node_returns_one_latent_per_line_each_as_sampled_alone(model):
     assert SpacetimePackedSampler.OUTPUT_IS_LIST == (True,)
     assert [l["samples"].shape for l in latents] == [(1, 16, 3, 4, 6), (1, 16, 1, 10, 2)]
     for index, (prompt, latent) in enumerate(zip(["a red circle", "a blue square"], latents)):
-        alone = generate(model, _cond(prompt, 6), _cond("blurry", 6), torch.zeros(latent["samples"].shape), 11 + index, 2, 3.0, 3.0, "euler", 1.0, CPU)
+        alone = generate(model, _cond(prompt, 6), _cond("blurry", 6), torch.zeros(latent["samples"].shape), 11 + index, SolverSettings(2, 3.0, 3.0, "euler"), CPU)
         assert (latent["samples"] - alone).abs().max() <= 1e-4
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from comfyui_spacetime.kernels import REFERENCE
 from comfyui_spacetime.model_defs.checkpoint import load_model
 from comfyui_spacetime.model_defs.wan_dit import DIT_PRESETS, WanDiT
-from comfyui_spacetime.model_defs.wan_layouts import convert_diffusers_dit_state_dict
+from comfyui_spacetime.model_defs.wan_keys import convert_diffusers_dit_state_dict
 
 SMALL = dict(num_attention_heads=2, attention_head_dim=24, in_channels=16, out_channels=16, text_dim=20,
              freq_dim=32, ffn_dim=80, num_layers=2, cross_attn_norm=True, eps=1e-6)

@@ -8,7 +8,8 @@ from diffusers import AutoencoderKLWan
 from safetensors.torch import save_file
 
 from comfyui_spacetime.model_defs.checkpoint import load_vae
-from comfyui_spacetime.model_defs.wan_vae import VAE_PRESETS, WanVAE, convert_diffusers_vae_state_dict, detect_vae_config
+from comfyui_spacetime.model_defs.wan_keys import convert_diffusers_vae_state_dict, detect_vae_config
+from comfyui_spacetime.model_defs.wan_vae import VAE_PRESETS, WanVAE
 
 SMALL = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[], temperal_downsample=[False, True, True])
 

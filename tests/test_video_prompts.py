@@ -10,11 +10,10 @@ import torch
 from comfyui_spacetime.kernels import REFERENCE
 from comfyui_spacetime.model_defs.builtin import builtin_model, builtin_vae
 from comfyui_spacetime.model_defs.bundles import SpacetimeConditioning
-from comfyui_spacetime.model_defs.conditioning import (
-    MID_RUN_LEAD_IN, KnownLatents, latent_frame_of, pixel_frames_of, run_latent_frames,
-)
+from comfyui_spacetime.model_defs.known_frames import MID_RUN_LEAD_IN, KnownLatents, run_latent_frames
+from comfyui_spacetime.model_defs.sizes import latent_frame_of, pixel_frames_of
 from comfyui_spacetime.model_defs.flow_matching import SOLVERS, initial_noise, sample, sampling_sigmas
-from comfyui_spacetime.model_defs.pipeline import decode_frames, encode_frames
+from comfyui_spacetime.jobs.vae_frames import decode_frames, encode_frames
 from comfyui_spacetime.model_defs.text_encoders import EncodedText
 from comfyui_spacetime.nodes.sampling import SpacetimeEmptyLatentVideo, SpacetimeSampler
 from comfyui_spacetime.nodes.vae import SpacetimeVAEDecode

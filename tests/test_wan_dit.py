@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_spacetime.kernels import REFERENCE
-from comfyui_spacetime.model_defs.checkpoint import detect_dit_config, load_model
+from comfyui_spacetime.model_defs.checkpoint import load_model
+from comfyui_spacetime.model_defs.wan_keys import detect_dit_config
 from comfyui_spacetime.model_defs.layers import rope_3d_tables, rope_axis_dims, sinusoidal_embedding
 from comfyui_spacetime.model_defs.wan_dit import DIT_PRESETS, WanDiT, WanDiTConfig
 

@@ -4,7 +4,10 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_spacetime.model_defs.checkpoint import CheckpointError, load_vae
-from comfyui_spacetime.model_defs.wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig, detect_vae_config
+from comfyui_spacetime.model_defs.wan_keys import detect_vae_config
+from comfyui_spacetime.model_defs.wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig
+from comfyui_spacetime.model_defs.bundles import LatentFormat
+from comfyui_spacetime.model_defs.flow_matching import SolverSettings
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +48,10 @@ def test_config_detection_and_serialisation_round_trip(name):
 
 
 def test_normalize_round_trip():
-    vae = WanVAE.__new__(WanVAE)
-    torch.nn.Module.__init__(vae)
-    vae.config = VAE_PRESETS["wan2.1"]
+    latent_format = LatentFormat.from_vae_config(VAE_PRESETS["wan2.1"])
     z = torch.randn(2, 16, 3, 4, 4)
-    torch.testing.assert_close(vae.denormalize(vae.normalize(z)), z)
-    assert vae.normalize(z)[0, 0, 0, 0, 0] == (z[0, 0, 0, 0, 0] + 0.7571) / 2.8184
+    torch.testing.assert_close(latent_format.denormalize(latent_format.normalize(z)), z)
+    assert latent_format.normalize(z)[0, 0, 0, 0, 0] == (z[0, 0, 0, 0, 0] + 0.7571) / 2.8184
 
 
 def test_vae_with_wrong_channels_for_the_model_is_refused(tmp_path):
@@ -58,12 +59,12 @@ def test_vae_with_wrong_channels_for_the_model_is_refused(tmp_path):
     from comfyui_spacetime.kernels import REFERENCE
     from comfyui_spacetime.model_defs.builtin import builtin_model
     from comfyui_spacetime.model_defs.bundles import SpacetimeConditioning
-    from comfyui_spacetime.model_defs.pipeline import generate
+    from comfyui_spacetime.jobs.text_to_video import generate
     from comfyui_spacetime.model_defs.text_encoders import EncodedText
 
     cond = SpacetimeConditioning(EncodedText(torch.zeros(1, 48, 384), torch.ones(1, 48, dtype=torch.bool), ("x",), (False,)), "t")
     with pytest.raises(ValueError, match=r"latent has 48 channels but model spacetime-builtin-tiny takes 16; use the VAE that matches the model"):
-        generate(builtin_model(REFERENCE), cond, cond, torch.zeros(1, 48, 2, 4, 4), 0, 1, 1.0, 1.0, "euler", 1.0, torch.device("cpu"))
+        generate(builtin_model(REFERENCE), cond, cond, torch.zeros(1, 48, 2, 4, 4), 0, SolverSettings(1, 1.0, 1.0, "euler", 1.0), torch.device("cpu"))
 
 
 def test_vae_file_missing_a_tensor_is_refused(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..model_defs.bundles import LatentFormat
 from .procedural import BACKWARDS, COLOURS, SHAPES, recaption
 from .train_builtin import render_pool, to_video
 
@@ -42,7 +43,8 @@ def caption_sensitivity(dit, vae, encoder, text_len: int, clips: int = 96, seed:
     if not moving.any():
         raise ValueError(f"clips={clips}: none of them moves, so there is no direction to probe; probe more clips (e.g. 32)")
     device = next(dit.parameters()).device
-    x0 = torch.cat([vae.normalize(vae.encode(to_video(pixels[i: i + batch]).to(device))) for i in range(0, clips, batch)])
+    normalize = LatentFormat.from_vae_config(vae.config).normalize
+    x0 = torch.cat([normalize(vae.encode(to_video(pixels[i: i + batch]).to(device))) for i in range(0, clips, batch)])
     captions = {"true": [recaption(spec, spec.seed * 31 + 7) for spec in specs], "text": [""] * clips}
     for name, change in CHANGES.items():
         captions[name] = [recaption(spec, spec.seed * 31 + 7, **change(spec)) for spec in specs]

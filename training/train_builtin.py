@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -21,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from ..kernels import get_backend
 from ..model_defs.builtin import BUILTIN_DIT_PRESET, BUILTIN_VAE_PRESET, WEIGHTS_DIR
-from ..model_defs.checkpoint import load_vae, read_safetensors
-from ..model_defs.conditioning import encode_run
+from ..model_defs.bundles import LatentFormat
+from ..model_defs.checkpoint import load_vae, read_safetensors, save_dit, save_vae
+from ..model_defs.known_frames import encode_run
 from ..model_defs.flow_matching import shift_sigmas
 from ..model_defs.text_encoders import MiniLMTextEncoder
 from ..model_defs.wan_dit import DIT_PRESETS, WanDiT
@@ -67,14 +66,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of videos in -1..1 (measured in 0..1)."""
     mse = ((a - b) / 2).pow(2).mean().item()
     return 10 * math.log10(1.0 / max(mse, 1e-12))
-
-
-def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write to a hidden ``.partial`` file beside ``path``, then rename: never a half-written file under the
-    real name (a reader, or a run stopped mid-write, sees the old file or the new one)."""
-    partial = path.with_name(f".{path.name}.partial")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
-    partial.replace(path)
 
 
 def cosine_lr(peak: float, step: int, total: int, warmup: int = 0) -> float:
@@ -312,10 +303,6 @@ def train_dit(buckets, embeddings, empty_row, steps: int, seed: int, log, save, 
 STAGES = ("vae", "decoder", "dit")
 
 
-def save_vae(vae: WanVAE, path: Path) -> None:
-    save_atomically(vae.state_dict(), path, {"spacetime_vae_config": json.dumps(vae.config.to_dict())})
-
-
 @torch.no_grad()
 def with_latent_stats(vae: WanVAE, seed: int, clips: int = 256) -> WanVAE:
     """The VAE with its latents' per-channel mean and std (over ``clips`` training clips) in its config:
@@ -381,15 +368,14 @@ def main(argv: list[str] | None = None) -> None:
         dit_config = DIT_PRESETS[BUILTIN_DIT_PRESET]
         buckets, embeddings, empty = encode_dataset(vae, args.clips, args.seed, encoder, dit_config.text_len, log,
                                                     variants=args.caption_variants, sizes=DIT_SIZES if args.dit_sizes else ((SIZE, SIZE, FRAMES),))
-        buckets = [(vae.normalize(latents), rows) for latents, rows in buckets]  # on the CPU; each batch moves to the device
-        latent_format = {"channels": vae.config.z_dim, "mean": list(vae.config.latents_mean), "std": list(vae.config.latents_std)}
+        latent_format = LatentFormat.from_vae_config(vae.config)
+        buckets = [(latent_format.normalize(latents), rows) for latents, rows in buckets]  # on the CPU; each batch moves to the device
 
-        def save_dit(state: dict[str, torch.Tensor]) -> None:
-            save_atomically({k: v.half() for k, v in state.items()}, dit_path, {
-                "spacetime_dit_config": json.dumps(dit_config.to_dict()), "spacetime_latent_format": json.dumps(latent_format)})
+        def save(state: dict[str, torch.Tensor]) -> None:
+            save_dit(state, dit_config, latent_format, dit_path)
 
         init = read_safetensors(args.dit_init)[0] if args.dit_init else None
-        dit = train_dit(buckets, embeddings, empty, args.dit_steps, args.seed, log, save_dit, save_every=args.save_every,
+        dit = train_dit(buckets, embeddings, empty, args.dit_steps, args.seed, log, save, save_every=args.save_every,
                         device=args.device, lr=args.dit_lr, init=init)
-        save_dit(dit.state_dict())
+        save(dit.state_dict())
         log(f"wrote {dit_path}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .pipeline import validate_video_size
+from ..model_defs.sizes import SizeRules
 
 LINE_FORMAT = "prompt | width | height | frames"
 
@@ -34,8 +34,8 @@ def _whole_number(line: int, field: str, text: str) -> int:
         raise ValueError(f"line {line}: {field} {text!r} is not a whole number; write '{LINE_FORMAT}'") from None
 
 
-def parse_video_list(text: str, spatial_unit: int, temporal_factor: int) -> list[VideoRequest]:
-    """Every request in ``text``, validated against the model's size rules (``validate_video_size``)."""
+def parse_video_list(text: str, rules: SizeRules) -> list[VideoRequest]:
+    """Every request in ``text``, checked against ``rules`` (the VAE's ``video_rules``)."""
     requests = []
     for line, raw in enumerate(text.splitlines(), start=1):
         stripped = raw.strip()
@@ -51,7 +51,7 @@ def parse_video_list(text: str, spatial_unit: int, temporal_factor: int) -> list
         height = _whole_number(line, "height", height_text)
         frames = _whole_number(line, "frames", frames_text)
         try:
-            validate_video_size(width, height, frames, spatial_unit, temporal_factor)
+            rules.check_size(width, height, frames)
         except ValueError as exc:
             raise ValueError(f"line {line}: {exc}") from None
         requests.append(VideoRequest(prompt, width, height, frames, line))

@@ -23,9 +23,10 @@ from typing import Callable
 
 import torch
 
-from .bundles import SPATIAL_PATCH, SpacetimeVAE
-from .conditioning import KnownLatents, KnownRun, known_latents
-from .pipeline import ChunkCallback, encode_frames, validate_video_size
+from ..model_defs.bundles import SpacetimeVAE
+from ..model_defs.known_frames import KnownLatents, KnownRun, known_latents
+from ..model_defs.sizes import describe_allowed
+from .vae_frames import ChunkCallback, encode_frames
 
 DIRECTIONS = ("forward", "backward")
 
@@ -43,7 +44,7 @@ class JoinPlan:
 
 
 @dataclass(frozen=True, eq=False)
-class VideoPrompt:
+class KnownFrames:
     """SPACETIME_KNOWN_FRAMES: the known latent frames the sampler holds, and how to join the result."""
 
     known: KnownLatents
@@ -58,30 +59,22 @@ def _check_images(images: torch.Tensor, name: str) -> None:
 def _prompt(
     vae: SpacetimeVAE, runs: list[KnownRun], frames: int, height: int, width: int, join: JoinPlan,
     device: torch.device, on_chunk: ChunkCallback | None,
-) -> VideoPrompt:
-    tf, sf = vae.temporal_factor, vae.spatial_factor
-    validate_video_size(width, height, frames, sf * SPATIAL_PATCH, tf)
-    target_shape = (vae.latent_channels, 1 + (frames - 1) // tf, height // sf, width // sf)
+) -> KnownFrames:
+    target_shape = (vae.latent_channels, *vae.video_rules.latent_size(width, height, frames))
     encode: Callable[[torch.Tensor], torch.Tensor] = lambda images: encode_frames(vae, images.float(), device, on_chunk)
-    return VideoPrompt(known_latents(encode, runs, frames, height, width, tf, target_shape), join)
-
-
-def _allowed(first: int, step: int, value: int) -> str:
-    below = first + max(0, (value - first) // step) * step
-    nearest = sorted({below, below + step} if value != below else {value})
-    return f"allowed: {first}, {first + step}, {first + 2 * step}, ... (nearest: {', '.join(map(str, nearest))})"
+    return KnownFrames(known_latents(encode, runs, frames, height, width, vae.temporal_factor, target_shape), join)
 
 
 def image_to_video(
     vae: SpacetimeVAE, images: torch.Tensor, width: int, height: int, frames: int, frame_index: int, strength: float,
     device: torch.device, on_chunk: ChunkCallback | None = None,
-) -> VideoPrompt:
+) -> KnownFrames:
     """IMAGE ``images`` ``[N,H,W,3]`` placed from ``frame_index`` of a ``frames`` x ``height`` x ``width``
     video. One image away from frame 0 is held still over the 4 frames of the latent frame holding
     ``frame_index`` (a latent frame there spans 4 frames)."""
     _check_images(images, "image")
     tf = vae.temporal_factor
-    validate_video_size(width, height, frames, vae.spatial_factor * SPATIAL_PATCH, tf)
+    vae.video_rules.check_size(width, height, frames)
     if not 0 <= frame_index < frames:
         raise ValueError(f"frame_index={frame_index} is outside the video: it has {frames} frames (0 to {frames - 1})")
     start = frame_index
@@ -95,7 +88,7 @@ def image_to_video(
 def extend_video(
     vae: SpacetimeVAE, video: torch.Tensor, direction: str, overlap: int, new_frames: int, strength: float,
     device: torch.device, on_chunk: ChunkCallback | None = None,
-) -> VideoPrompt:
+) -> KnownFrames:
     """A video of ``overlap + new_frames`` frames that continues ``video`` ``[T,H,W,3]`` (forward: starts
     with its last ``overlap`` frames) or leads into it (backward: ends with its first ``overlap``)."""
     _check_images(video, "video")
@@ -110,12 +103,12 @@ def extend_video(
     if overlap < overlap_first or (overlap - overlap_first) % tf:
         raise ValueError(
             f"overlap={overlap} is not allowed for direction '{direction}': the overlap must fill whole latent frames "
-            f"(the first holds 1 frame, each later one {tf}); {_allowed(overlap_first, tf, overlap)}"
+            f"(the first holds 1 frame, each later one {tf}); {describe_allowed(overlap, overlap_first, tf)}"
         )
     if new_frames < new_first or (new_frames - new_first) % tf:
         raise ValueError(
             f"new_frames={new_frames} is not allowed for direction '{direction}' with overlap={overlap}: the generated "
-            f"video has overlap + new_frames frames, which must be 1 + {tf}*k; {_allowed(new_first, tf, new_frames)}"
+            f"video has overlap + new_frames frames, which must be 1 + {tf}*k; {describe_allowed(new_frames, new_first, tf)}"
         )
     frames = overlap + new_frames
     if direction == "forward":
@@ -130,7 +123,7 @@ def extend_video(
 def connect_videos(
     vae: SpacetimeVAE, clip_a: torch.Tensor, clip_b: torch.Tensor, overlap: int, bridge_frames: int, strength: float,
     device: torch.device, on_chunk: ChunkCallback | None = None,
-) -> VideoPrompt:
+) -> KnownFrames:
     """A video of ``1 + 2*overlap + bridge_frames`` frames: A's last ``overlap + 1`` frames, a generated
     bridge, B's first ``overlap`` frames."""
     _check_images(clip_a, "clip_a")
@@ -145,7 +138,7 @@ def connect_videos(
     if overlap < tf or overlap % tf:
         raise ValueError(
             f"overlap={overlap} is not allowed: each clip's overlap must fill whole latent frames of {tf} frames; "
-            f"{_allowed(tf, tf, overlap)}"
+            f"{describe_allowed(overlap, tf, tf)}"
         )
     for name, count, needed in (("clip_a", frames_a, overlap + 1), ("clip_b", frames_b, overlap)):
         if needed > count:
@@ -156,7 +149,7 @@ def connect_videos(
     if bridge_frames < tf or bridge_frames % tf:
         raise ValueError(
             f"bridge_frames={bridge_frames} is not allowed: the bridge must fill whole latent frames of {tf} frames; "
-            f"{_allowed(tf, tf, bridge_frames)}"
+            f"{describe_allowed(bridge_frames, tf, tf)}"
         )
     frames = 1 + 2 * overlap + bridge_frames
     runs = [
@@ -167,7 +160,7 @@ def connect_videos(
     return _prompt(vae, runs, frames, height, width, join, device, on_chunk)
 
 
-def join_video(images: torch.Tensor, prompt: VideoPrompt) -> torch.Tensor:
+def join_video(images: torch.Tensor, prompt: KnownFrames) -> torch.Tensor:
     """Decoded generated IMAGE frames (videos of ``join.generated_frames`` one after another) joined with
     the given clips: every video of the batch becomes ``before + kept frames + after``."""
     _check_images(images, "images")

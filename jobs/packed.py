@@ -1,10 +1,10 @@
 """Sampling several videos of different sizes, each with its own prompts and seed, as packed sequences.
 
-Every item is what ``pipeline.generate`` would sample for that prompt alone (batch 1, ``denoise`` 1, the
+Every item is what ``text_to_video.generate`` would sample for that prompt alone (batch 1, ``denoise`` 1, the
 same seed, steps, cfg, shift and solver), to float rounding: its noise is ``initial_noise`` of its own
 latent shape and seed, its contexts are padded as ``generate`` pads them, and guidance is the same
 ``v_neg + cfg * (v_pos - v_neg)``. What changes is how the DiT runs: one packed call per step holds the
-positive and the negative sequence of every video of the pack (``packing.forward_pack``).
+positive and the negative sequence of every video of the pack (``WanDiT.forward_packed``).
 
 The solvers of ``flow_matching.sample`` are reused as they are: they only combine the state, the model's
 prediction and their history with scalars of the shared noise levels, element by element, so the packed
@@ -25,10 +25,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .bundles import SpacetimeConditioning, SpacetimeModel
-from .flow_matching import SOLVERS, initial_noise, sample, sampling_sigmas
-from .packing import forward_pack, make_pack, pack_text, patch_grid, patchify, unpatchify
-from .pipeline import _context
+from ..model_defs.bundles import SpacetimeConditioning, SpacetimeModel
+from ..model_defs.flow_matching import SolverSettings, initial_noise, sample
+from ..model_defs.layers import patchify, unpatchify
+from ..model_defs.token_layouts import make_pack, pack_text
+from ..model_defs.sizes import patch_grid
 
 log = logging.getLogger(__name__)
 
@@ -86,35 +87,24 @@ def _check_items(model: SpacetimeModel, items: Sequence[PackedItem]) -> None:
     for item in items:
         if len(item.latent_shape) != 5 or item.latent_shape[0] != 1:
             raise ValueError(f"the latent of {item.name} must be [1,C,T,H,W], got {tuple(item.latent_shape)}")
-        if item.latent_shape[1] != cfg.in_dim:
-            raise ValueError(
-                f"the latent of {item.name} has {item.latent_shape[1]} channels but model {model.name} takes "
-                f"{cfg.in_dim}; use the VAE that matches the model"
-            )
-        try:
-            patch_grid(item.latent_shape, cfg.patch_size)
-        except ValueError as exc:
-            raise ValueError(f"{item.name}: {exc}") from None
+        model.check_latent(item.latent_shape, f"the latent of {item.name}")
 
 
 def _sample_pack(
     model: SpacetimeModel,
     items: Sequence[PackedItem],
-    sigmas: torch.Tensor,
-    cfg: float,
-    scheduler: str,
+    settings: SolverSettings,
     device: torch.device,
     on_step: Callable[[int], None] | None,
 ) -> list[torch.Tensor]:
     """One pack: every item's positive (and, with guidance, negative) sequence in one DiT call per step."""
     dit = model.dit
     patch = model.config.patch_size
-    dtype = dit.patch_embedding.weight.dtype
-    guided = cfg != 1.0
+    cfg, guided = settings.cfg, settings.guided
     grids = [patch_grid(item.latent_shape, patch) for item in items]
-    contexts = [_context(item.positive, "positive", model, 1, device, dtype) for item in items]  # [1,L,D] each
+    contexts = [model.text_context(item.positive, "positive", 1, device) for item in items]  # [1,L,D] each
     if guided:
-        contexts += [_context(item.negative, "negative", model, 1, device, dtype) for item in items]
+        contexts += [model.text_context(item.negative, "negative", 1, device) for item in items]
     # the state: every video's patch vectors end to end, built from the very tensors generate() starts from
     x0_start = torch.cat([
         patchify(model.latent_format.normalize(torch.zeros(item.latent_shape))[0], patch) for item in items
@@ -127,14 +117,14 @@ def _sample_pack(
         def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             # x [1,T,P]; timesteps [1], shared by every sequence (one noise schedule)
             tokens = torch.cat([x[0], x[0]]) if guided else x[0]  # [2T or T, P]
-            v = forward_pack(dit, pack, tokens, timesteps.expand(pack.num_sequences), text)  # [2T or T, P]
+            v = dit.forward_packed(pack, tokens, timesteps.expand(pack.num_sequences), text)  # [2T or T, P]
             if not guided:
                 return v[None]
             v_pos, v_neg = v.chunk(2)  # [T,P] each
             return (v_neg + cfg * (v_pos - v_neg))[None]  # [1,T,P]
 
         callback = None if on_step is None else (lambda done, _total, _x0: on_step(done))
-        result = sample(velocity, x0_start[None], noise[None], sigmas, scheduler, callback)[0]  # [T,P]
+        result = sample(velocity, x0_start[None], noise[None], settings.sigmas(), settings.scheduler, callback)[0]  # [T,P]
     lengths = [math.prod(grid) for grid in grids]
     return [
         model.latent_format.denormalize(unpatchify(part, grid, patch)[None]).float().cpu()  # [1,C,T',H',W']
@@ -145,22 +135,18 @@ def _sample_pack(
 def generate_packed(
     model: SpacetimeModel,
     items: Sequence[PackedItem],
-    steps: int,
-    cfg: float,
-    shift: float,
-    scheduler: str,
+    settings: SolverSettings,
     device: torch.device,
     max_tokens: int,
     on_progress: PackProgress | None = None,
 ) -> list[torch.Tensor]:
     """Raw latents ``[1,C,T',H',W']``, one per item in the items' order, sampled in as few packs of at most
-    ``max_tokens`` tokens as first fit finds."""
-    if scheduler not in SOLVERS:
-        raise ValueError(f"scheduler={scheduler!r} is not allowed; allowed values: {list(SOLVERS)}")
-    if steps < 1:
-        raise ValueError(f"steps={steps} is not allowed: it must be >= 1")
+    ``max_tokens`` tokens as first fit finds (``settings.denoise`` must be 1: every item starts from noise)."""
+    if settings.denoise != 1.0:
+        raise ValueError(f"denoise={settings.denoise} is not allowed for packed sampling: it starts every video from noise (1.0)")
     _check_items(model, items)
-    guided = cfg != 1.0
+    guided = settings.guided
+    steps = settings.steps
     tokens = [item_tokens(model, item, guided) for item in items]
     packs = plan_packs(tokens, max_tokens, [item.name for item in items])
     if len(packs) > 1:
@@ -168,12 +154,11 @@ def generate_packed(
             "Spacetime: %d videos need %d tokens%s, more than max_tokens_per_pack=%d; sampling them in %d packs",
             len(items), sum(tokens), " with cfg (positive + negative)" if guided else "", max_tokens, len(packs),
         )
-    sigmas = sampling_sigmas(steps, shift)
     total = steps * len(packs)
     results: list[torch.Tensor | None] = [None] * len(items)
     for number, members in enumerate(packs):
         on_step = None if on_progress is None else (lambda done, base=number * steps: on_progress(base + done, total))
-        latents = _sample_pack(model, [items[i] for i in members], sigmas, cfg, scheduler, device, on_step)
+        latents = _sample_pack(model, [items[i] for i in members], settings, device, on_step)
         for index, latent in zip(members, latents):
             results[index] = latent
     return results

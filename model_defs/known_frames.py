@@ -27,28 +27,14 @@ from typing import Callable
 
 import torch
 
+from .sizes import latent_frame_of, series
+
 # Frames of still lead-in before a mid-video run when it is encoded: 1 + tf*k, so the run starts on a
 # latent boundary; the lead-in's own latents are dropped.
 MID_RUN_LEAD_IN = 1
 
 # IMAGE frames [N,H,W,3] in 0..1 (N = 1 + tf*k) -> raw latent [1,C,N',h,w]
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def latent_frame_of(pixel_frame: int, temporal_factor: int) -> int:
-    """The latent frame holding ``pixel_frame``: 0 -> 0, then ``tf`` pixel frames per latent frame."""
-    return 0 if pixel_frame <= 0 else (pixel_frame + temporal_factor - 1) // temporal_factor
-
-
-def pixel_frames_of(latent_frame: int, temporal_factor: int) -> range:
-    """The pixel frames latent frame ``latent_frame`` holds."""
-    if latent_frame == 0:
-        return range(0, 1)
-    return range(1 + temporal_factor * (latent_frame - 1), 1 + temporal_factor * latent_frame)
-
-
-def _listing(first: int, step: int) -> str:
-    return f"{first}, {first + step}, {first + 2 * step}, ..."
 
 
 def run_latent_frames(start: int, count: int, total_frames: int, temporal_factor: int, what: str = "known frames") -> range:
@@ -72,13 +58,13 @@ def run_latent_frames(start: int, count: int, total_frames: int, temporal_factor
         if (count - 1) % tf:
             raise ValueError(
                 f"{what}: {count} frames from frame 0 do not fill whole latent frames {layout}; "
-                f"from frame 0 place {_listing(1, tf)} frames"
+                f"from frame 0 place {series(1, tf)} frames"
             )
         return range(0, 1 + (count - 1) // tf)
     if (start - 1) % tf or count % tf:
         raise ValueError(
             f"{what}: {count} frames from frame {start} do not fill whole latent frames {layout}; "
-            f"after frame 0 start at frame {_listing(1, tf)} and place {_listing(tf, tf)} frames"
+            f"after frame 0 start at frame {series(1, tf)} and place {series(tf, tf)} frames"
         )
     first = latent_frame_of(start, tf)
     return range(first, first + count // tf)

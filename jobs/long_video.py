@@ -16,8 +16,11 @@ from typing import Callable
 
 import torch
 
-from .bundles import SPATIAL_PATCH, SpacetimeConditioning, SpacetimeModel, SpacetimeVAE
-from .pipeline import decode_frames, empty_latent, generate, validate_video_size
+from ..model_defs.bundles import SpacetimeConditioning, SpacetimeModel, SpacetimeVAE
+from ..model_defs.flow_matching import SolverSettings
+from ..model_defs.sizes import SizeRules, describe_allowed
+from .text_to_video import empty_latent, generate
+from .vae_frames import decode_frames
 from .video_prompts import extend_video
 
 # (chunk index, chunks) after each chunk, and (step, steps) within one
@@ -27,6 +30,11 @@ StepDone = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class LongVideoPlan:
+    """A checked long video: ``frames`` of ``width`` x ``height`` made of chunks of ``chunk_frames`` that each
+    share ``overlap`` frames with the one before."""
+
+    width: int
+    height: int
     frames: int
     chunk_frames: int
     overlap: int
@@ -40,25 +48,25 @@ class LongVideoPlan:
         return 1 + max(0, math.ceil((self.frames - self.chunk_frames) / self.new_per_chunk))
 
 
-def plan_long_video(frames: int, chunk_frames: int, overlap: int, temporal_factor: int) -> LongVideoPlan:
-    """Validate the lengths (errors name the input and the allowed values) and return the plan."""
-    tf = temporal_factor
+def plan_long_video(rules: SizeRules, width: int, height: int, frames: int, chunk_frames: int, overlap: int) -> LongVideoPlan:
+    """Check the size and lengths against ``rules`` (the VAE's ``video_rules``; errors name the input and the
+    allowed values) and return the plan."""
+    tf = rules.temporal_factor
+    rules.check_side("width", width)
+    rules.check_side("height", height)
     if frames < 1:
         raise ValueError(f"frames={frames} is not allowed: it must be >= 1")
     if chunk_frames < 1 + tf or (chunk_frames - 1) % tf:
-        below = 1 + max(1, (chunk_frames - 1) // tf) * tf
         raise ValueError(
-            f"chunk_frames={chunk_frames} is not allowed: it must be 1 + {tf}*k with k >= 1 ({1 + tf}, {1 + 2 * tf}, "
-            f"{1 + 3 * tf}, ...; the model's trained length is the natural choice); nearest: {sorted({below, below + tf})}"
+            f"chunk_frames={chunk_frames} is not allowed: it must be 1 + {tf}*k with k >= 1 (the model's trained "
+            f"length is the natural choice); {describe_allowed(chunk_frames, 1 + tf, tf)}"
         )
     if overlap < 1 or (overlap - 1) % tf or overlap >= chunk_frames:
-        below = 1 + max(0, (overlap - 1) // tf) * tf
         raise ValueError(
-            f"overlap={overlap} is not allowed with chunk_frames={chunk_frames}: it must be 1 + {tf}*m (1, {1 + tf}, "
-            f"{1 + 2 * tf}, ...) and smaller than chunk_frames, so that each chunk adds new frames; "
-            f"nearest: {sorted(v for v in {below, below + tf} if v < chunk_frames) or [chunk_frames - tf]}"
+            f"overlap={overlap} is not allowed with chunk_frames={chunk_frames}: it must be 1 + {tf}*m and smaller "
+            f"than chunk_frames, so that each chunk adds new frames; {describe_allowed(overlap, 1, tf, below=chunk_frames)}"
         )
-    return LongVideoPlan(frames, chunk_frames, overlap)
+    return LongVideoPlan(width, height, frames, chunk_frames, overlap)
 
 
 def generate_long_video(
@@ -66,14 +74,9 @@ def generate_long_video(
     vae: SpacetimeVAE,
     positive: SpacetimeConditioning,
     negative: SpacetimeConditioning,
-    width: int,
-    height: int,
     plan: LongVideoPlan,
     seed: int,
-    steps: int,
-    cfg: float,
-    shift: float,
-    scheduler: str,
+    settings: SolverSettings,
     strength: float,
     device: torch.device,
     vae_device: torch.device,
@@ -82,9 +85,9 @@ def generate_long_video(
 ) -> torch.Tensor:
     """IMAGE frames ``[plan.frames, height, width, 3]``: chunk ``i`` is sampled with seed
     ``seed + i`` (mod 2**64)."""
-    validate_video_size(width, height, plan.chunk_frames, vae.spatial_factor * SPATIAL_PATCH, vae.temporal_factor)
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength={strength} is not allowed: it must be between 0 and 1")
+    width, height = plan.width, plan.height
     video = torch.empty(plan.frames, height, width, 3)
     step_cb = None if on_step is None else (lambda done, total, _x0: on_step(done, total))
     done = 0
@@ -97,8 +100,7 @@ def generate_long_video(
             prompt = extend_video(vae, tail, "forward", plan.overlap, plan.new_per_chunk, strength, vae_device)
             known, keep_from = prompt.known, plan.overlap
             latent = known.empty_target()
-        samples = generate(model, positive, negative, latent, (seed + index) % 2**64, steps, cfg, shift, scheduler, 1.0, device,
-                           on_step=step_cb, known=known)
+        samples = generate(model, positive, negative, latent, (seed + index) % 2**64, settings, device, on_step=step_cb, known=known)
         pixels = decode_frames(vae, samples, vae_device)[keep_from:]
         count = min(len(pixels), plan.frames - done)
         video[done: done + count] = pixels[:count]

@@ -1,0 +1,180 @@
+"""The Wan family's checkpoint key layouts and config detection, DiT and VAE together.
+
+- diffusers' ``WanTransformer3DModel`` / ``AutoencoderKLWan`` names -> the original Wan names our modules
+  use (ComfyUI's repackaged files already use the original names, possibly under a
+  ``model.diffusion_model.`` prefix, which the loader strips). Source of the mappings: diffusers' Wan
+  models and their single-file conversion, read side by side with Wan's ``model.py`` and ``vae.py``.
+- the config of an original-layout state dict, from its keys and shapes: a pure function of them.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from .wan_dit import DIT_PRESETS, WanDiTConfig
+from .wan_vae import VAE_PRESETS, WanVAEConfig
+
+# Keys every Wan DiT state dict holds; config detection reads their shapes.
+DIT_REQUIRED_KEYS = (
+    "patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight", "head.head.weight", "blocks.0.ffn.0.weight",
+)
+
+
+VAE_REQUIRED_KEYS = ("encoder.conv1.weight", "conv2.weight")
+
+
+class MissingKeysError(KeyError):
+    """A state dict lacks keys its family needs (the loader turns it into a CheckpointError)."""
+
+# Whole-name renames, applied to the part after ``blocks.N.`` for block keys and to the full key otherwise.
+_TOP_LEVEL = {
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.image_embedder.norm1": "img_emb.proj.0",
+    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+    "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
+    "proj_out": "head.head",
+    "scale_shift_table": "head.modulation",
+    "patch_embedding": "patch_embedding",
+}
+_IN_BLOCK = {
+    "scale_shift_table": "modulation",
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn1.norm_q": "self_attn.norm_q",
+    "attn1.norm_k": "self_attn.norm_k",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.norm_q": "cross_attn.norm_q",
+    "attn2.norm_k": "cross_attn.norm_k",
+    "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img",
+    "attn2.norm_added_k": "cross_attn.norm_k_img",
+    "norm2": "norm3",  # diffusers' norm2 is the cross-attention norm (Wan's norm3)
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$|^blocks\.(\d+)\.(scale_shift_table)$")
+
+
+def _rename(name: str, table: dict[str, str], full_key: str) -> str:
+    if name in table:
+        return table[name]
+    raise KeyError(f"unknown key {full_key!r} in a diffusers-layout Wan DiT")
+
+
+def convert_diffusers_dit_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers ``WanTransformer3DModel`` keys -> original Wan keys (tensors unchanged)."""
+    converted = {}
+    for key, tensor in state_dict.items():
+        match = _BLOCK_KEY.match(key)
+        if match and match.group(5):  # blocks.N.scale_shift_table
+            new_key = f"blocks.{match.group(4)}.{_IN_BLOCK['scale_shift_table']}"
+        elif match:
+            index, name, kind = match.group(1), match.group(2), match.group(3)
+            new_key = f"blocks.{index}.{_rename(name, _IN_BLOCK, key)}.{kind}"
+        elif key == "scale_shift_table":
+            new_key = _TOP_LEVEL[key]
+        else:
+            name, _, kind = key.rpartition(".")
+            new_key = f"{_rename(name, _TOP_LEVEL, key)}.{kind}"
+        converted[new_key] = tensor
+    return converted
+
+
+def detect_dit_config(state_dict: dict[str, torch.Tensor]) -> WanDiTConfig:
+    """The config of an original-layout Wan DiT state dict, from its keys and shapes (a preset when one
+    matches); ``MissingKeysError`` naming the missing keys when it is not a whole DiT."""
+    missing = [key for key in DIT_REQUIRED_KEYS if key not in state_dict]
+    if missing:
+        raise MissingKeysError(missing)
+    patch_weight = state_dict["patch_embedding.weight"]  # [dim, in_dim, pt, ph, pw]
+    dim, in_dim = patch_weight.shape[:2]
+    patch = tuple(int(s) for s in patch_weight.shape[2:])
+    num_layers = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+    shapes = dict(
+        dim=dim,
+        in_dim=in_dim,
+        patch_size=patch,
+        num_layers=num_layers,
+        ffn_dim=state_dict["blocks.0.ffn.0.weight"].shape[0],
+        text_dim=state_dict["text_embedding.0.weight"].shape[1],
+        freq_dim=state_dict["time_embedding.0.weight"].shape[1],
+        out_dim=state_dict["head.head.weight"].shape[0] // math.prod(patch),
+        cross_attn_norm="blocks.0.norm3.weight" in state_dict,
+        model_type="i2v" if "img_emb.proj.0.weight" in state_dict else "t2v",
+    )
+    for preset in DIT_PRESETS.values():
+        if all(getattr(preset, name) == value for name, value in shapes.items()):
+            return preset
+    # Every published Wan model uses 128-dimensional heads; the head count is not visible in shapes.
+    return WanDiTConfig(num_heads=dim // 128, **shapes)
+
+
+# diffusers AutoencoderKLWan -> original names. Residual-block parts and top-level renames:
+_RESBLOCK_PARTS = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6", "conv_shortcut": "shortcut"}
+_TOP = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
+_SIDE = {"conv_in": "conv1", "norm_out": "head.0", "conv_out": "head.2"}
+_MID = {("resnets", "0"): "middle.0", ("attentions", "0"): "middle.1", ("resnets", "1"): "middle.2"}
+
+
+def _resblock_rest(rest: str) -> str:
+    part, _, tail = rest.partition(".")
+    return f"{_RESBLOCK_PARTS.get(part, part)}.{tail}" if part in _RESBLOCK_PARTS else rest
+
+
+def convert_diffusers_vae_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers ``AutoencoderKLWan`` keys (Wan 2.1 layout, no attention in the up/down paths) -> original Wan keys."""
+    num_res_blocks = 1 + max(int(m[1]) for k in state_dict if (m := re.match(r"decoder\.up_blocks\.0\.resnets\.(\d+)\.", k))) - 1
+    stage = num_res_blocks + 2  # entries per decoder stage in the flat original list: resblocks + upsampler
+    converted = {}
+    for key, tensor in state_dict.items():
+        side, _, rest = key.partition(".")
+        if side in _TOP:
+            new = f"{_TOP[side]}.{rest}"
+        elif (m := re.match(r"(conv_in|norm_out|conv_out)\.(.+)$", rest)):
+            new = f"{side}.{_SIDE[m[1]]}.{m[2]}"
+        elif (m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", rest)):
+            new = f"{side}.{_MID[(m[1], m[2])]}.{_resblock_rest(m[3])}"
+        elif (m := re.match(r"down_blocks\.(\d+)\.(.+)$", rest)):
+            new = f"{side}.downsamples.{m[1]}.{_resblock_rest(m[2])}"
+        elif (m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", rest)):
+            new = f"{side}.upsamples.{int(m[1]) * stage + int(m[2])}.{_resblock_rest(m[3])}"
+        elif (m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)$", rest)):
+            new = f"{side}.upsamples.{int(m[1]) * stage + num_res_blocks + 1}.{m[2]}"
+        else:
+            raise KeyError(f"unknown key {key!r} in a diffusers-layout Wan VAE")
+        converted[new] = tensor
+    return converted
+
+
+def detect_vae_config(state_dict: dict[str, torch.Tensor]) -> WanVAEConfig:
+    """The config of an original-layout Wan VAE state dict, from its keys and shapes (Wan 2.1 statistics);
+    ``MissingKeysError`` naming the missing keys when it is not a whole VAE."""
+    missing = [key for key in VAE_REQUIRED_KEYS if key not in state_dict]
+    if missing:
+        raise MissingKeysError(missing)
+    base_dim = state_dict["encoder.conv1.weight"].shape[0]
+    z_dim = state_dict["conv2.weight"].shape[0]
+    entries = sorted({int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.downsamples.")})
+    resamples = [i for i in entries if f"encoder.downsamples.{i}.resample.1.weight" in state_dict]
+    stages = len(resamples) + 1
+    num_res_blocks = (len(entries) - len(resamples)) // stages
+    dim_mult = tuple(
+        state_dict[f"encoder.downsamples.{s * (num_res_blocks + 1)}.residual.2.weight"].shape[0] // base_dim for s in range(stages)
+    )
+    temporal = tuple(f"encoder.downsamples.{i}.time_conv.weight" in state_dict for i in resamples)
+    preset = VAE_PRESETS["wan2.1"]
+    return WanVAEConfig(base_dim=base_dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=num_res_blocks, temporal_downsample=temporal,
+                        latents_mean=preset.latents_mean if z_dim == 16 else (0.0,) * z_dim,
+                        latents_std=preset.latents_std if z_dim == 16 else (1.0,) * z_dim)

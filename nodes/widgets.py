@@ -1,0 +1,98 @@
+"""What several nodes share: widget specs (in the order workflows' ``widgets_values`` rely on), the solver
+settings they make, and the checks ComfyUI runs at validation (``VALIDATE_INPUTS``), before any model
+loads or any step runs."""
+from __future__ import annotations
+
+import math
+
+from ..model_defs.bundles import any_vae_rules
+from ..model_defs.flow_matching import SOLVERS, SolverSettings
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+KNOWN_FRAMES = "SPACETIME_KNOWN_FRAMES"
+
+SEED = ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True})
+# The solver settings every sampler node offers, in this order.
+SOLVER_WIDGETS = {
+    "steps": ("INT", {"default": 20, "min": 1, "max": 1000}),
+    "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+    "shift": ("FLOAT", {"default": 5.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "Timestep shift (Wan: 5 for 720p, 3 for 480p)."}),
+    "scheduler": (list(SOLVERS), {"default": SOLVERS[0]}),
+}
+DENOISE = ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "< 1 keeps part of the input latent (video-to-video)."})
+_RULES = any_vae_rules()  # the widgets' steps: every supported family's sizes are on them
+WIDTH = ("INT", {"default": 64, "min": _RULES.width_unit, "max": 8192, "step": _RULES.width_unit})
+HEIGHT = ("INT", {"default": 64, "min": _RULES.height_unit, "max": 8192, "step": _RULES.height_unit})
+FRAMES = ("INT", {"default": 17, "min": 1, "max": 4097, "step": _RULES.temporal_factor, "tooltip": f"1 + {_RULES.temporal_factor}k frames."})
+STRENGTH = ("FLOAT", {
+    "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
+    "tooltip": "1 keeps the given frames exactly; lower blends them with what the model generates; 0 ignores them.",
+})
+
+
+def seed_of(seed: int, index: int) -> int:
+    """The seed of the ``index``-th video or chunk made from ``seed``."""
+    return (seed + index) % (MAX_SEED + 1)
+
+
+def solver_settings(steps: int, cfg: float, shift: float, scheduler: str, denoise: float = 1.0) -> SolverSettings:
+    return SolverSettings(steps=steps, cfg=cfg, shift=shift, scheduler=scheduler, denoise=denoise)
+
+
+def _spec_problem(name: str, kind, options: dict, value) -> str | None:
+    if isinstance(kind, list):
+        return None if value in kind else f"{name}={value!r} is not allowed; allowed values: {kind}"
+    if kind in ("INT", "FLOAT"):
+        number_types = int if kind == "INT" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, number_types) or (kind == "FLOAT" and not math.isfinite(value)):
+            return f"{name}={value!r} is not allowed: it must be a finite {'whole number' if kind == 'INT' else 'number'}"
+        low, high = options.get("min"), options.get("max")
+        if (low is not None and value < low) or (high is not None and value > high):
+            return f"{name}={value!r} is not allowed: it must be between {low} and {high}"
+    if kind == "STRING" and not isinstance(value, str):
+        return f"{name}={value!r} is not allowed: it must be text"
+    return None
+
+
+def validate_inputs(node_class, values: dict, *rules) -> bool | str:
+    """A ``VALIDATE_INPUTS`` result: True, or the first problem as one line. ``values`` are the node's
+    literal inputs (ComfyUI leaves out or passes None for linked ones); each is checked against its widget
+    spec (ComfyUI skips its own range and choice checks for inputs its VALIDATE_INPUTS takes), then every
+    ``rule(values)`` whose inputs are all literal may raise ValueError."""
+    spec = node_class.INPUT_TYPES()
+    entries = {**spec.get("required", {}), **spec.get("optional", {})}
+    for name, value in values.items():
+        if value is None or name not in entries:
+            continue
+        kind, options = entries[name][0], (entries[name][1] if len(entries[name]) > 1 else {})
+        problem = _spec_problem(name, kind, options, value)
+        if problem:
+            return problem
+    for rule in rules:
+        try:
+            rule(values)
+        except (KeyError, TypeError):
+            continue  # an input the rule needs is linked: checked when the node runs
+        except ValueError as exc:
+            return str(exc)
+    return True
+
+
+def literal_values(values: dict, *names: str) -> list:
+    """The values of ``names``; KeyError (the rule is skipped) when one is linked, i.e. not known yet."""
+    found = [values.get(name) for name in names]
+    if any(value is None for value in found):
+        raise KeyError("linked input")
+    return found
+
+
+def size_rule(values: dict) -> None:
+    """width, height and frames as any supported VAE takes them (the loaded one's rules at run time)."""
+    width, height, frames = literal_values(values, "width", "height", "frames")
+    any_vae_rules().check_size(width, height, frames)
+
+
+def solver_rule(values: dict) -> None:
+    steps, cfg, shift, scheduler = literal_values(values, "steps", "cfg", "shift", "scheduler")
+    denoise = values.get("denoise")
+    solver_settings(steps, cfg, shift, scheduler, 1.0 if denoise is None else denoise)
