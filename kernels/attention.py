@@ -32,6 +32,7 @@ from ._triton import (
     autotuned,
     can_launch,
     cdiv,
+    check_supported,
     dtype_supported,
     interpreting,
     jit,
@@ -292,18 +293,29 @@ def launch_attention(
         launchable(_tuned_kernel())[grid](*args, **meta)
 
 
-def check_attention_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming what the kernel cannot take (shared by the dense and packed forms)."""
-    require_triton()
+def qkv_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the kernel cannot take q, k, v (head dim, dtypes, devices, k/v shapes), or None: the part of the
+    rule shared by the dense and packed forms; each adds its layout and RoPE checks."""
     head_dim = q.shape[-1]
     if head_dim not in HEAD_DIMS:
-        raise ValueError(f"{op}: head dim must be one of {HEAD_DIMS}, got {head_dim}")
+        return f"head dim must be one of {HEAD_DIMS}, got {head_dim}"
     if not (q.dtype == k.dtype == v.dtype) or not dtype_supported(q.dtype):
-        raise ValueError(f"{op}: q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+        return f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}"
     if not (q.device == k.device == v.device):
-        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        return f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
     if k.shape != v.shape or k.shape[-1] != head_dim:
-        raise ValueError(f"{op}: k and v must have one shape with q's head dim, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        return f"k and v must have one shape with q's head dim, got k {tuple(k.shape)}, v {tuple(v.shape)}"
+    return None
+
+
+def rope_unsupported(rope: tuple[torch.Tensor, torch.Tensor] | None, tokens: int, head_dim: int) -> str | None:
+    """Why the kernel cannot take the RoPE tables for ``tokens`` tokens, or None (also when there are none)."""
+    if rope is None:
+        return None
+    cos, sin = rope
+    if cos.shape != (tokens, head_dim // 2) or sin.shape != cos.shape:
+        return f"rope tables must be [{tokens}, {head_dim // 2}], got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+    return None
 
 
 def check_attention_out(op: str, out: torch.Tensor, q: torch.Tensor) -> None:
@@ -314,13 +326,12 @@ def check_attention_out(op: str, out: torch.Tensor, q: torch.Tensor) -> None:
         )
 
 
-def rope_tables(rope: tuple[torch.Tensor, torch.Tensor] | None, tokens: int, head_dim: int, device: torch.device):
-    """``(cos, sin)`` as fp32 ``[tokens, D/2]`` with a unit-stride last dim, or ``(None, None)``."""
+def rope_tables(rope: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device):
+    """``(cos, sin)`` (already checked by the op's rule) as fp32 on ``device`` with a unit-stride last dim,
+    or ``(None, None)``."""
     if rope is None:
         return None, None
     cos, sin = rope
-    if cos.shape != (tokens, head_dim // 2) or sin.shape != cos.shape:
-        raise ValueError(f"rope tables must be [{tokens}, {head_dim // 2}], got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     return (cos.to(device=device, dtype=torch.float32).contiguous(), sin.to(device=device, dtype=torch.float32).contiguous())
 
 
@@ -342,6 +353,28 @@ def _attention_launch(
 _attention_op = register_op("spacetime::attention", _attention_launch)
 
 
+def _unsupported(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+) -> str | None:
+    """Why the kernel cannot take these inputs, or None when it can: the one rule of ``attention_triton``
+    (which raises it) and ``attention`` (which then takes the reference)."""
+    if reason := qkv_unsupported(q, k, v):
+        return reason
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2]:
+        return f"q must be [B,H,Sq,D] and k/v [B,H,Sk,D], got q {tuple(q.shape)}, k {tuple(k.shape)}"
+    batch, _, seqlen_q, head_dim = q.shape
+    seqlen_k = k.shape[2]
+    if key_mask is not None and (key_mask.shape != (batch, seqlen_k) or key_mask.dtype != torch.bool):
+        return f"key_mask must be bool [{batch}, {seqlen_k}], got {key_mask.dtype} {tuple(key_mask.shape)}"
+    if rope is not None and seqlen_q != seqlen_k:
+        return f"rope needs self-attention (Sq == Sk), got Sq={seqlen_q}, Sk={seqlen_k}"
+    return rope_unsupported(rope, seqlen_q, head_dim)
+
+
 def attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -354,22 +387,15 @@ def attention_triton(
     ``key_mask`` ``[B,Sk]`` bool (True = attend), ``rope`` ``(cos, sin)`` ``[Sq, D/2]`` (needs Sq == Sk)
     -> ``[B,H,Sq,D]`` in q's dtype (stored as ``[B,Sq,H,D]`` memory); written into ``out`` (q's shape,
     unit-stride head dim) when given: an eager launch, for tests and benchmarks."""
-    check_attention_inputs("attention_triton", q, k, v)
-    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2]:
-        raise ValueError(f"attention_triton: q must be [B,H,Sq,D] and k/v [B,H,Sk,D], got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    batch, _, seqlen_q, head_dim = q.shape
-    seqlen_k = k.shape[2]
+    require_triton()
+    check_supported("attention_triton", _unsupported(q, k, v, key_mask, rope))
     if key_mask is not None:
-        if key_mask.shape != (batch, seqlen_k) or key_mask.dtype != torch.bool:
-            raise ValueError(f"key_mask must be bool [{batch}, {seqlen_k}], got {key_mask.dtype} {tuple(key_mask.shape)}")
         key_mask = key_mask.to(q.device).contiguous()
-    if rope is not None and seqlen_q != seqlen_k:
-        raise ValueError(f"rope needs self-attention (Sq == Sk), got Sq={seqlen_q}, Sk={seqlen_k}")
-    cos, sin = rope_tables(rope, seqlen_q, head_dim, q.device)
+    cos, sin = rope_tables(rope, q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if out is not None:
         check_attention_out("attention_triton", out, q)
-        launch_attention(q, k, v, out, key_mask, cos, sin, None, None, seqlen_q, seqlen_k)
+        launch_attention(q, k, v, out, key_mask, cos, sin, None, None, q.shape[2], k.shape[2])
         return out
     return _attention_op(q, k, v, key_mask, cos, sin)
 
@@ -384,18 +410,6 @@ def attention(
     """The backend's attention: the Triton kernel where it applies, ``attention_ref`` elsewhere (CPU tensors
     outside the interpreter, head dims other than 64/128, mixed or unsupported dtypes, malformed inputs,
     which the reference then reports)."""
-    usable = (
-        can_launch(q)
-        and q.dim() == 4
-        and k.dim() == 4
-        and q.shape[-1] in HEAD_DIMS
-        and q.dtype == k.dtype == v.dtype
-        and dtype_supported(q.dtype)
-        and q.device == k.device == v.device
-        and k.shape == v.shape
-        and q.shape[:2] == k.shape[:2]
-        and q.shape[-1] == k.shape[-1]
-        and (key_mask is None or (key_mask.shape == (q.shape[0], k.shape[2]) and key_mask.dtype == torch.bool))
-        and (rope is None or (q.shape[2] == k.shape[2] and rope[0].shape == (q.shape[2], q.shape[3] // 2)))
-    )
-    return attention_triton(q, k, v, key_mask, rope) if usable else attention_ref(q, k, v, key_mask, rope)
+    if can_launch(q) and _unsupported(q, k, v, key_mask, rope) is None:
+        return attention_triton(q, k, v, key_mask, rope)
+    return attention_ref(q, k, v, key_mask, rope)
