@@ -12,7 +12,7 @@ dtype.
 The kernel is the dense one in ``attention.py`` with ``IS_VARLEN``: each program reads its sequence's
 start and length from ``cu_seqlens`` and programs past a short sequence's end exit at once.
 Limits as for dense attention: head dim 64/128, fp16/bf16/fp32, non-causal, no key mask (there is no
-padding to mask), forward only.
+padding to mask: each sequence's keys are exactly its own), forward only.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def _attention_varlen_launch(
     sin: torch.Tensor | None,
 ) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    launch_attention(q, k, v, out, None, cos, sin, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    launch_attention(q, k, v, out, cos, sin, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return out
 
 
@@ -142,7 +142,7 @@ def attention_varlen_triton(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if out is not None:
         check_attention_out("attention_varlen_triton", out, q)
-        launch_attention(q, k, v, out, None, cos, sin, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k))
+        launch_attention(q, k, v, out, cos, sin, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k))
         return out
     return _attention_varlen_op(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), cos, sin)
 

@@ -167,8 +167,8 @@ def test_each_op_takes_its_kernel_exactly_where_its_launcher_does(monkeypatch):
         (adaln, "gated_residual", (x, torch.randn(2, 1, 8), torch.randn(2, 1, 8))),  # y broadcast over tokens
         (rmsnorm, "rms_norm", (x, torch.randn(8))),
         (rmsnorm, "rms_norm", (x, torch.randn(1, 8))),
-        (attention, "attention", (q, q, q, None, rope)),
-        (attention, "attention", (q, q, q, None, bad_rope)),  # a sin table the reference broadcasts
+        (attention, "attention", (q, q, q, rope)),
+        (attention, "attention", (q, q, q, bad_rope)),  # a sin table the reference broadcasts
         (attention, "attention", (q[..., :32], q[..., :32], q[..., :32])),
         (attention_varlen, "attention_varlen", (packed, packed, packed, cu, cu, 4, 4, packed_rope)),
         (attention_varlen, "attention_varlen", (packed, packed, packed, cu.float(), cu, 4, 4)),  # float cu_seqlens
@@ -204,7 +204,7 @@ def test_ops_register_with_torch_library_for_torch_compile():
         (rmsnorm._rms_norm_op, (x, weight, 1e-6)),
         (adaln._layer_norm_modulate_op, (x, gate, gate, 1e-6)),
         (adaln._gated_residual_op, (x, x, gate)),
-        (attention._attention_op, (q, q, q, torch.ones(1, 7, dtype=torch.bool), *rope)),
+        (attention._attention_op, (q, q, q, *rope)),
         (attention_varlen._attention_varlen_op, (packed, packed, packed, cu, cu, 4, 4, None, None)),
     ]
     for lazy_op, args in cases:
