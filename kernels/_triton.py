@@ -207,6 +207,20 @@ def dtype_supported(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
+def dtype_unsupported(name: str, t: torch.Tensor) -> str | None:
+    """Why a kernel cannot take ``t``'s dtype (named ``name`` in the reason), or None when it can."""
+    return None if dtype_supported(t.dtype) else f"{name} dtype must be fp16, bf16 or fp32, got {t.dtype}"
+
+
+def check_supported(op: str, reason: str | None) -> None:
+    """Raise ``ValueError("<op>: <reason>")`` when an op's rule found a reason its kernel cannot take the
+    inputs. Each op writes which inputs its kernel takes once, as ``_unsupported(...) -> str | None``: its
+    ``*_triton`` launcher refuses through this, and its dispatcher takes the kernel only when the rule
+    returns None (and ``can_launch``), the reference otherwise."""
+    if reason is not None:
+        raise ValueError(f"{op}: {reason}")
+
+
 def autotuned(kernel: LazyKernel, configs: list, key: list[str], prune: Callable | None = None) -> Any:
     """``triton.autotune`` over ``configs`` keyed on sizes only; ``prune(configs, named_args, **kwargs)``
     drops configs that cannot fit or cannot help before any is timed."""

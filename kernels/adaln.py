@@ -24,7 +24,8 @@ from ._triton import (
     can_launch,
     cdiv,
     check_out,
-    dtype_supported,
+    check_supported,
+    dtype_unsupported,
     interpreting,
     jit,
     launchable,
@@ -127,26 +128,45 @@ def _tuned_layer_norm_modulate():
     return autotuned(_layer_norm_modulate_kernel, row_configs(), key=["n_cols"], prune=prune_row_configs)
 
 
-def _broadcast(name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``t`` viewed as x's ``[B, S, C]`` through broadcast strides (no copy), last dim unit-stride."""
-    if t.dim() != 3 or t.shape[0] not in (1, x.shape[0]) or t.shape[1] not in (1, x.shape[1]) or t.shape[2] != x.shape[2]:
-        raise ValueError(
-            f"{name} must be [B,1,C] (per sample) or [B,S,C] (per token) for x {tuple(x.shape)}, got {tuple(t.shape)}"
-        )
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.expand(x.shape)
-
-
-def _check_x(op: str, x: torch.Tensor) -> torch.Tensor:
-    require_triton()
+def _x_unsupported(x: torch.Tensor) -> str | None:
     if x.dim() != 3:
-        raise ValueError(f"{op}: x must be [B,S,C], got shape {tuple(x.shape)}")
-    if not dtype_supported(x.dtype):
-        raise ValueError(f"{op}: x dtype must be fp16, bf16 or fp32, got {x.dtype}")
-    return x if x.stride(-1) == 1 else x.contiguous()
+        return f"x must be [B,S,C], got shape {tuple(x.shape)}"
+    return dtype_unsupported("x", x)
+
+
+def _broadcast_unsupported(name: str, t: torch.Tensor, x: torch.Tensor) -> str | None:
+    """Why ``t`` cannot be read as x's ``[B, S, C]`` through broadcast strides, or None."""
+    if t.dim() != 3 or t.shape[0] not in (1, x.shape[0]) or t.shape[1] not in (1, x.shape[1]) or t.shape[2] != x.shape[2]:
+        return f"{name} must be [B,1,C] (per sample) or [B,S,C] (per token) for x {tuple(x.shape)}, got {tuple(t.shape)}"
+    if t.device != x.device:
+        return f"{name} is on {t.device} but x is on {x.device}"
+    return None
+
+
+def _layer_norm_modulate_unsupported(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these inputs, or None when it can: the one rule of
+    ``layer_norm_modulate_triton`` (which raises it) and ``layer_norm_modulate`` (which then takes the
+    reference)."""
+    if reason := _x_unsupported(x):
+        return reason
+    if x.shape[-1] > MAX_WIDTH:
+        return f"width {x.shape[-1]} exceeds the kernel's maximum {MAX_WIDTH}"
+    return _broadcast_unsupported("shift", shift, x) or _broadcast_unsupported("scale", scale, x)
+
+
+def _gated_residual_unsupported(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these inputs, or None when it can: the one rule of
+    ``gated_residual_triton`` and ``gated_residual``."""
+    if reason := _x_unsupported(x):
+        return reason
+    if y.shape != x.shape or y.device != x.device:
+        return f"y must match x: x {tuple(x.shape)} on {x.device}, y {tuple(y.shape)} on {y.device}"
+    return _broadcast_unsupported("gate", gate, x)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a unit-stride last dim (a copy only when it has not)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def launch_layer_norm_modulate(
@@ -203,11 +223,10 @@ def layer_norm_modulate_triton(
     """Fused ``LN(x) * (1 + scale) + shift``. x ``[B,S,C]`` fp16/bf16/fp32; shift/scale ``[B,1,C]`` (per
     sample) or ``[B,S,C]`` (per token), any float dtype -> ``[B,S,C]`` contiguous in x's dtype; written
     into ``out`` when given (eager launch, for tests and benchmarks)."""
-    x = _check_x("layer_norm_modulate_triton", x)
-    if x.shape[-1] > MAX_WIDTH:
-        raise ValueError(f"layer_norm_modulate_triton: width {x.shape[-1]} exceeds the kernel's maximum {MAX_WIDTH}")
-    shift = _broadcast("shift", shift, x)
-    scale = _broadcast("scale", scale, x)
+    require_triton()
+    check_supported("layer_norm_modulate_triton", _layer_norm_modulate_unsupported(x, shift, scale))
+    x = _rows(x)
+    shift, scale = _rows(shift).expand(x.shape), _rows(scale).expand(x.shape)  # broadcast strides, no copy
     if out is not None:
         check_out("layer_norm_modulate_triton", out, x)
         launch_layer_norm_modulate(x, shift, scale, float(eps), out)
@@ -220,11 +239,10 @@ def gated_residual_triton(
 ) -> torch.Tensor:
     """Fused ``x + gate * y``. x/y ``[B,S,C]``, gate ``[B,1,C]`` or ``[B,S,C]`` -> ``[B,S,C]`` contiguous in
     x's dtype; written into ``out`` when given (eager launch, for tests and benchmarks)."""
-    x = _check_x("gated_residual_triton", x)
-    if y.shape != x.shape or y.device != x.device:
-        raise ValueError(f"y must match x: x {tuple(x.shape)} on {x.device}, y {tuple(y.shape)} on {y.device}")
-    y = y if y.stride(-1) == 1 else y.contiguous()
-    gate = _broadcast("gate", gate, x)
+    require_triton()
+    check_supported("gated_residual_triton", _gated_residual_unsupported(x, y, gate))
+    x, y = _rows(x), _rows(y)
+    gate = _rows(gate).expand(x.shape)  # broadcast strides, no copy
     if out is not None:
         check_out("gated_residual_triton", out, x)
         launch_gated_residual(x, y, gate, out)
@@ -232,24 +250,15 @@ def gated_residual_triton(
     return _gated_residual_op(x, y, gate)
 
 
-def _usable(x: torch.Tensor, *others: torch.Tensor) -> bool:
-    return (
-        can_launch(x)
-        and x.dim() == 3
-        and dtype_supported(x.dtype)
-        and all(t.device == x.device and t.dim() == 3 for t in others)
-    )
-
-
 def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """The backend's AdaLN: the Triton kernel where it applies, ``layer_norm_modulate_ref`` elsewhere."""
-    if _usable(x, shift, scale) and x.shape[-1] <= MAX_WIDTH:
+    if can_launch(x) and _layer_norm_modulate_unsupported(x, shift, scale) is None:
         return layer_norm_modulate_triton(x, shift, scale, eps)
     return layer_norm_modulate_ref(x, shift, scale, eps)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """The backend's gated residual: the Triton kernel where it applies, ``gated_residual_ref`` elsewhere."""
-    if _usable(x, y, gate):
+    if can_launch(x) and _gated_residual_unsupported(x, y, gate) is None:
         return gated_residual_triton(x, y, gate)
     return gated_residual_ref(x, y, gate)

@@ -1,10 +1,12 @@
 """Attention forward: softmax(q k^T / sqrt(D)) v, optionally with 3D RoPE applied to q and k first.
 
-Shapes: q ``[B, H, Sq, D]``, k/v ``[B, H, Sk, D]``; ``key_mask`` ``[B, Sk]`` bool (True = attend);
-``rope`` a pair ``(cos, sin)`` of ``[Sq, D/2]`` tables applied to consecutive pairs (x[2i], x[2i+1]) of
-q and k (Wan's complex-number layout; requires Sq == Sk). Accumulation is fp32; output has q's dtype.
-The packed variable-length form (``[total, H, D]`` with ``cu_seqlens``) is in ``attention_varlen.py``
-and runs the same kernel.
+Shapes: q ``[B, H, Sq, D]``, k/v ``[B, H, Sk, D]``; ``rope`` a pair ``(cos, sin)`` of ``[Sq, D/2]``
+tables applied to consecutive pairs (x[2i], x[2i+1]) of q and k (Wan's complex-number layout; requires
+Sq == Sk). Accumulation is fp32; output has q's dtype. The packed variable-length form (``[total, H, D]``
+with ``cu_seqlens``) is in ``attention_varlen.py`` and runs the same kernel.
+No key mask: every key is attended. Cross-attention reads the text context zero-padded to its fixed
+length and unmasked, as Wan 2.1's original code, diffusers' WanPipeline and ComfyUI do; sequences of
+different lengths are packed (``attention_varlen``), not padded and masked.
 
 The Triton kernel is a FlashAttention-2 style forward (Dao 2023; Triton tutorial 06-fused-attention):
 one program per (query block, batch x head) streams key/value blocks through an online softmax, so
@@ -12,8 +14,8 @@ the Sq x Sk score matrix never exists in memory. Fused in:
 - RoPE: q and k are loaded as their even and odd halves, rotated in fp32 registers with the per-token
   (cos, sin) rows, and the score is ``q_even.k_even + q_odd.k_odd`` (two dots of width D/2, the same
   flops as one of width D): rotated q/k never round-trip through memory, nothing is re-interleaved.
-- Key mask and ragged lengths: masked or out-of-range keys score -inf; a query row with no key to
-  attend returns zeros, as torch SDPA (the reference) does.
+- Ragged lengths: keys past the sequence's end (in a partial last tile) score -inf; a query row with
+  no key to attend (a packed sequence of no keys) returns zeros, as torch SDPA (the reference) does.
 - Packing: with ``cu_seqlens`` each program finds its sequence's start and length, so sequences never
   attend across each other and no work is spent on padding.
 Limits: head dim 64 or 128 (others go to ``attention_ref``); fp16/bf16 (tensor-core dots, fp32
@@ -32,6 +34,7 @@ from ._triton import (
     autotuned,
     can_launch,
     cdiv,
+    check_supported,
     dtype_supported,
     interpreting,
     jit,
@@ -60,7 +63,6 @@ def attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_mask: torch.Tensor | None = None,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Reference attention. q ``[B,H,Sq,D]``, k/v ``[B,H,Sk,D]`` -> ``[B,H,Sq,D]``."""
@@ -68,28 +70,24 @@ def attention_ref(
         cos, sin = rope
         q = apply_rope_ref(q, cos, sin)
         k = apply_rope_ref(k, cos, sin)
-    attn_mask = None
-    if key_mask is not None:
-        attn_mask = key_mask[:, None, None, :].to(torch.bool)  # [B,1,1,Sk]
-    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     return out.to(q.dtype)
 
 
 @jit
 def _attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
-    key_mask_ptr, cos_ptr, sin_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    cos_ptr, sin_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, num_heads,
     stride_q_b, stride_q_h, stride_q_s,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
     stride_out_b, stride_out_h, stride_out_s,
-    stride_mask_b, stride_rope_s,
+    stride_rope_s,
     qk_scale,
     seq_bucket_q, seq_bucket_k,  # powers of two of the (max) lengths: autotune keys only
     HEAD_DIM: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
     HAS_ROPE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -169,12 +167,9 @@ def _attention_fwd_kernel(
             if UPCAST_DOT:
                 k = k.to(tl.float32)
             scores = tl.dot(q_a, tl.trans(k), input_precision=DOT_PRECISION)
-        key_ok = col_ok
-        if HAS_KEY_MASK:
-            key_ok = key_ok & (tl.load(key_mask_ptr + b * stride_mask_b + offs_n, mask=col_ok, other=0) != 0)
-        scores = tl.where(key_ok[None, :], scores * qk_scale, float("-inf"))
+        scores = tl.where(col_ok[None, :], scores * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        # a row that has seen only masked keys has m_new = -inf: subtract 0 instead (exp2(-inf) = 0)
+        # a row whose scores so far are all -inf has m_new = -inf: subtract 0 instead (exp2(-inf) = 0, not NaN)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(scores - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)  # rescales what was accumulated under the old maximum
@@ -228,7 +223,7 @@ def prune_attention_configs(configs: list, named_args: dict, **kwargs) -> list:
 
 @functools.lru_cache(maxsize=None)
 def _tuned_kernel():
-    key = ["seq_bucket_q", "seq_bucket_k", "HEAD_DIM", "IS_VARLEN", "HAS_KEY_MASK", "HAS_ROPE"]
+    key = ["seq_bucket_q", "seq_bucket_k", "HEAD_DIM", "IS_VARLEN", "HAS_ROPE"]
     return autotuned(_attention_fwd_kernel, attention_configs(), key=key, prune=prune_attention_configs)
 
 
@@ -237,7 +232,6 @@ def launch_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    key_mask: torch.Tensor | None,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None,
@@ -258,15 +252,13 @@ def launch_attention(
     if batch == 0 or max_seqlen_q == 0:
         return
     dummy = q  # stands in for absent optional pointers; never read (the matching HAS_* is False)
-    mask_arg = key_mask.view(torch.uint8) if key_mask is not None else dummy
     interpret = interpreting()
     args = [
         q, k, v, out,
-        mask_arg, cos if cos is not None else dummy, sin if sin is not None else dummy,
+        cos if cos is not None else dummy, sin if sin is not None else dummy,
         cu_seqlens_q if packed else dummy, cu_seqlens_k if packed else dummy,
         max_seqlen_q, max_seqlen_k, num_heads,
         *strides[0], *strides[1], *strides[2], *strides[3],
-        key_mask.stride(0) if key_mask is not None else 0,
         cos.stride(0) if cos is not None else 0,
         math.log2(math.e) / math.sqrt(head_dim),
         next_power_of_2(max_seqlen_q), next_power_of_2(max_seqlen_k),
@@ -274,7 +266,6 @@ def launch_attention(
     meta = dict(
         HEAD_DIM=head_dim,
         IS_VARLEN=packed,
-        HAS_KEY_MASK=key_mask is not None,
         HAS_ROPE=cos is not None,
         # numpy has no bf16, so the interpreter's bf16 dot is wrong: dot in fp32 there (inputs are
         # still bf16 in memory and rounded as on the GPU); on the GPU bf16 runs on tensor cores
@@ -292,18 +283,29 @@ def launch_attention(
         launchable(_tuned_kernel())[grid](*args, **meta)
 
 
-def check_attention_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming what the kernel cannot take (shared by the dense and packed forms)."""
-    require_triton()
+def qkv_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the kernel cannot take q, k, v (head dim, dtypes, devices, k/v shapes), or None: the part of the
+    rule shared by the dense and packed forms; each adds its layout and RoPE checks."""
     head_dim = q.shape[-1]
     if head_dim not in HEAD_DIMS:
-        raise ValueError(f"{op}: head dim must be one of {HEAD_DIMS}, got {head_dim}")
+        return f"head dim must be one of {HEAD_DIMS}, got {head_dim}"
     if not (q.dtype == k.dtype == v.dtype) or not dtype_supported(q.dtype):
-        raise ValueError(f"{op}: q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+        return f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}"
     if not (q.device == k.device == v.device):
-        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        return f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
     if k.shape != v.shape or k.shape[-1] != head_dim:
-        raise ValueError(f"{op}: k and v must have one shape with q's head dim, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        return f"k and v must have one shape with q's head dim, got k {tuple(k.shape)}, v {tuple(v.shape)}"
+    return None
+
+
+def rope_unsupported(rope: tuple[torch.Tensor, torch.Tensor] | None, tokens: int, head_dim: int) -> str | None:
+    """Why the kernel cannot take the RoPE tables for ``tokens`` tokens, or None (also when there are none)."""
+    if rope is None:
+        return None
+    cos, sin = rope
+    if cos.shape != (tokens, head_dim // 2) or sin.shape != cos.shape:
+        return f"rope tables must be [{tokens}, {head_dim // 2}], got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+    return None
 
 
 def check_attention_out(op: str, out: torch.Tensor, q: torch.Tensor) -> None:
@@ -314,13 +316,12 @@ def check_attention_out(op: str, out: torch.Tensor, q: torch.Tensor) -> None:
         )
 
 
-def rope_tables(rope: tuple[torch.Tensor, torch.Tensor] | None, tokens: int, head_dim: int, device: torch.device):
-    """``(cos, sin)`` as fp32 ``[tokens, D/2]`` with a unit-stride last dim, or ``(None, None)``."""
+def rope_tables(rope: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device):
+    """``(cos, sin)`` (already checked by the op's rule) as fp32 on ``device`` with a unit-stride last dim,
+    or ``(None, None)``."""
     if rope is None:
         return None, None
     cos, sin = rope
-    if cos.shape != (tokens, head_dim // 2) or sin.shape != cos.shape:
-        raise ValueError(f"rope tables must be [{tokens}, {head_dim // 2}], got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     return (cos.to(device=device, dtype=torch.float32).contiguous(), sin.to(device=device, dtype=torch.float32).contiguous())
 
 
@@ -328,74 +329,68 @@ def _attention_launch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_mask: torch.Tensor | None,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
 ) -> torch.Tensor:
     batch, num_heads, seqlen_q, head_dim = q.shape
     # [B,H,Sq,D] values in [B,Sq,H,D] memory: the model's "b h s d -> b s (h d)" is then a free view
     out = torch.empty((batch, seqlen_q, num_heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
-    launch_attention(q, k, v, out, key_mask, cos, sin, None, None, seqlen_q, k.shape[2])
+    launch_attention(q, k, v, out, cos, sin, None, None, seqlen_q, k.shape[2])
     return out
 
 
 _attention_op = register_op("spacetime::attention", _attention_launch)
 
 
+def _unsupported(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+) -> str | None:
+    """Why the kernel cannot take these inputs, or None when it can: the one rule of ``attention_triton``
+    (which raises it) and ``attention`` (which then takes the reference)."""
+    if reason := qkv_unsupported(q, k, v):
+        return reason
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2]:
+        return f"q must be [B,H,Sq,D] and k/v [B,H,Sk,D], got q {tuple(q.shape)}, k {tuple(k.shape)}"
+    seqlen_q, seqlen_k, head_dim = q.shape[2], k.shape[2], q.shape[3]
+    if rope is not None and seqlen_q != seqlen_k:
+        return f"rope needs self-attention (Sq == Sk), got Sq={seqlen_q}, Sk={seqlen_k}"
+    return rope_unsupported(rope, seqlen_q, head_dim)
+
+
 def attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_mask: torch.Tensor | None = None,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fused attention. q ``[B,H,Sq,D]``, k/v ``[B,H,Sk,D]`` (any strides with a unit-stride head dim),
-    ``key_mask`` ``[B,Sk]`` bool (True = attend), ``rope`` ``(cos, sin)`` ``[Sq, D/2]`` (needs Sq == Sk)
-    -> ``[B,H,Sq,D]`` in q's dtype (stored as ``[B,Sq,H,D]`` memory); written into ``out`` (q's shape,
-    unit-stride head dim) when given: an eager launch, for tests and benchmarks."""
-    check_attention_inputs("attention_triton", q, k, v)
-    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2]:
-        raise ValueError(f"attention_triton: q must be [B,H,Sq,D] and k/v [B,H,Sk,D], got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    batch, _, seqlen_q, head_dim = q.shape
-    seqlen_k = k.shape[2]
-    if key_mask is not None:
-        if key_mask.shape != (batch, seqlen_k) or key_mask.dtype != torch.bool:
-            raise ValueError(f"key_mask must be bool [{batch}, {seqlen_k}], got {key_mask.dtype} {tuple(key_mask.shape)}")
-        key_mask = key_mask.to(q.device).contiguous()
-    if rope is not None and seqlen_q != seqlen_k:
-        raise ValueError(f"rope needs self-attention (Sq == Sk), got Sq={seqlen_q}, Sk={seqlen_k}")
-    cos, sin = rope_tables(rope, seqlen_q, head_dim, q.device)
+    """Fused attention over every key (no mask). q ``[B,H,Sq,D]``, k/v ``[B,H,Sk,D]`` (any strides with a
+    unit-stride head dim), ``rope`` ``(cos, sin)`` ``[Sq, D/2]`` (needs Sq == Sk) -> ``[B,H,Sq,D]`` in q's
+    dtype (stored as ``[B,Sq,H,D]`` memory); written into ``out`` (q's shape, unit-stride head dim) when
+    given: an eager launch, for tests and benchmarks."""
+    require_triton()
+    check_supported("attention_triton", _unsupported(q, k, v, rope))
+    cos, sin = rope_tables(rope, q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if out is not None:
         check_attention_out("attention_triton", out, q)
-        launch_attention(q, k, v, out, key_mask, cos, sin, None, None, seqlen_q, seqlen_k)
+        launch_attention(q, k, v, out, cos, sin, None, None, q.shape[2], k.shape[2])
         return out
-    return _attention_op(q, k, v, key_mask, cos, sin)
+    return _attention_op(q, k, v, cos, sin)
 
 
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_mask: torch.Tensor | None = None,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The backend's attention: the Triton kernel where it applies, ``attention_ref`` elsewhere (CPU tensors
     outside the interpreter, head dims other than 64/128, mixed or unsupported dtypes, malformed inputs,
     which the reference then reports)."""
-    usable = (
-        can_launch(q)
-        and q.dim() == 4
-        and k.dim() == 4
-        and q.shape[-1] in HEAD_DIMS
-        and q.dtype == k.dtype == v.dtype
-        and dtype_supported(q.dtype)
-        and q.device == k.device == v.device
-        and k.shape == v.shape
-        and q.shape[:2] == k.shape[:2]
-        and q.shape[-1] == k.shape[-1]
-        and (key_mask is None or (key_mask.shape == (q.shape[0], k.shape[2]) and key_mask.dtype == torch.bool))
-        and (rope is None or (q.shape[2] == k.shape[2] and rope[0].shape == (q.shape[2], q.shape[3] // 2)))
-    )
-    return attention_triton(q, k, v, key_mask, rope) if usable else attention_ref(q, k, v, key_mask, rope)
+    if can_launch(q) and _unsupported(q, k, v, rope) is None:
+        return attention_triton(q, k, v, rope)
+    return attention_ref(q, k, v, rope)

@@ -12,21 +12,21 @@ dtype.
 The kernel is the dense one in ``attention.py`` with ``IS_VARLEN``: each program reads its sequence's
 start and length from ``cu_seqlens`` and programs past a short sequence's end exit at once.
 Limits as for dense attention: head dim 64/128, fp16/bf16/fp32, non-causal, no key mask (there is no
-padding to mask), forward only.
+padding to mask: each sequence's keys are exactly its own), forward only.
 """
 from __future__ import annotations
 
 import torch
 
-from ._triton import can_launch, dtype_supported, register_op
+from ._triton import can_launch, check_supported, register_op, require_triton
 from .attention import (
-    HEAD_DIMS,
     apply_rope_ref,
     attention_ref,
-    check_attention_inputs,
     check_attention_out,
     launch_attention,
+    qkv_unsupported,
     rope_tables,
+    rope_unsupported,
 )
 
 
@@ -89,11 +89,35 @@ def _attention_varlen_launch(
     sin: torch.Tensor | None,
 ) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    launch_attention(q, k, v, out, None, cos, sin, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    launch_attention(q, k, v, out, cos, sin, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return out
 
 
 _attention_varlen_op = register_op("spacetime::attention_varlen", _attention_varlen_launch)
+
+
+def _unsupported(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+) -> str | None:
+    """Why the kernel cannot take these inputs, or None when it can: the one rule of
+    ``attention_varlen_triton`` (which raises it) and ``attention_varlen`` (which then takes the reference).
+    Shapes and dtypes only, never the values of ``cu_seqlens`` (that would need a device sync)."""
+    if reason := qkv_unsupported(q, k, v):
+        return reason
+    if q.dim() != 3 or k.dim() != 3 or q.shape[1] != k.shape[1]:
+        return f"q must be [total_q,H,D] and k/v [total_k,H,D], got q {tuple(q.shape)}, k {tuple(k.shape)}"
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.numel() < 1:
+        return f"cu_seqlens must be 1-D [N+1] of one length, got q {tuple(cu_seqlens_q.shape)}, k {tuple(cu_seqlens_k.shape)}"
+    if cu_seqlens_q.is_floating_point() or cu_seqlens_k.is_floating_point():
+        return f"cu_seqlens must be integer, got {cu_seqlens_q.dtype}, {cu_seqlens_k.dtype}"
+    if rope is not None and q.shape[0] != k.shape[0]:
+        return f"rope needs self-attention (total_q == total_k), got {q.shape[0]} and {k.shape[0]}"
+    return rope_unsupported(rope, q.shape[0], q.shape[-1])
 
 
 def attention_varlen_triton(
@@ -110,22 +134,15 @@ def attention_varlen_triton(
     """Fused packed attention; shapes and contract in the module docstring. Checks shapes, not the values
     of ``cu_seqlens`` (that would need a device sync): they must be valid, as for flash-attn. Writes into
     ``out`` (q's shape, unit-stride head dim) when given: an eager launch, for tests and benchmarks."""
-    check_attention_inputs("attention_varlen_triton", q, k, v)
-    if q.dim() != 3 or k.dim() != 3 or q.shape[1] != k.shape[1]:
-        raise ValueError(f"attention_varlen_triton: q must be [total_q,H,D] and k/v [total_k,H,D], got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D [N+1] of one length, got q {tuple(cu_seqlens_q.shape)}, k {tuple(cu_seqlens_k.shape)}")
-    if cu_seqlens_q.is_floating_point() or cu_seqlens_k.is_floating_point():
-        raise ValueError(f"cu_seqlens must be integer, got {cu_seqlens_q.dtype}, {cu_seqlens_k.dtype}")
-    if rope is not None and q.shape[0] != k.shape[0]:
-        raise ValueError(f"rope needs self-attention (total_q == total_k), got {q.shape[0]} and {k.shape[0]}")
-    cos, sin = rope_tables(rope, q.shape[0], q.shape[-1], q.device)
+    require_triton()
+    check_supported("attention_varlen_triton", _unsupported(q, k, v, cu_seqlens_q, cu_seqlens_k, rope))
+    cos, sin = rope_tables(rope, q.device)
     cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32).contiguous()
     cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32).contiguous()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if out is not None:
         check_attention_out("attention_varlen_triton", out, q)
-        launch_attention(q, k, v, out, None, cos, sin, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k))
+        launch_attention(q, k, v, out, cos, sin, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k))
         return out
     return _attention_varlen_op(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), cos, sin)
 
@@ -141,19 +158,8 @@ def attention_varlen(
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The backend's packed attention: the Triton kernel where it applies, ``attention_varlen_ref``
-    elsewhere (CPU tensors outside the interpreter, other head dims, mixed dtypes, malformed shapes)."""
-    usable = (
-        can_launch(q)
-        and q.dim() == 3
-        and k.dim() == 3
-        and q.shape[-1] in HEAD_DIMS
-        and q.dtype == k.dtype == v.dtype
-        and q.device == k.device == v.device
-        and k.shape == v.shape
-        and q.shape[1:] == k.shape[1:]
-        and dtype_supported(q.dtype)
-        and (rope is None or (q.shape[0] == k.shape[0] and rope[0].shape == (q.shape[0], q.shape[-1] // 2)))
-    )
-    if usable:
+    elsewhere (CPU tensors outside the interpreter, other head dims, mixed dtypes, malformed shapes, which
+    the reference then reports)."""
+    if can_launch(q) and _unsupported(q, k, v, cu_seqlens_q, cu_seqlens_k, rope) is None:
         return attention_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rope)
     return attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rope)

@@ -16,7 +16,8 @@ from ._triton import (
     autotuned,
     can_launch,
     check_out,
-    dtype_supported,
+    check_supported,
+    dtype_unsupported,
     interpreting,
     jit,
     launchable,
@@ -89,6 +90,21 @@ def _rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
 _rms_norm_op = register_op("spacetime::rms_norm", _rms_norm_launch)
 
 
+def _unsupported(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these inputs, or None when it can: the one rule of ``rms_norm_triton``
+    (which raises it) and ``rms_norm`` (which then takes the reference)."""
+    if reason := dtype_unsupported("x", x):
+        return reason
+    n_cols = x.shape[-1]
+    if weight.shape != (n_cols,):
+        return f"weight must be [{n_cols}] to match x {tuple(x.shape)}, got {tuple(weight.shape)}"
+    if n_cols > MAX_WIDTH:
+        return f"last dim {n_cols} exceeds the kernel's maximum {MAX_WIDTH}"
+    if weight.device != x.device:
+        return f"x is on {x.device} but weight is on {weight.device}"
+    return None
+
+
 def rms_norm_triton(
     x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -96,15 +112,7 @@ def rms_norm_triton(
     dtype; written into ``out`` when given (eager launch, for tests and benchmarks). Raises
     ``ValueError`` naming what is wrong for inputs the kernel does not take."""
     require_triton()
-    if not dtype_supported(x.dtype):
-        raise ValueError(f"rms_norm_triton: x dtype must be fp16, bf16 or fp32, got {x.dtype}")
-    n_cols = x.shape[-1]
-    if weight.shape != (n_cols,):
-        raise ValueError(f"rms_norm_triton: weight must be [{n_cols}] to match x {tuple(x.shape)}, got {tuple(weight.shape)}")
-    if n_cols > MAX_WIDTH:
-        raise ValueError(f"rms_norm_triton: last dim {n_cols} exceeds the kernel's maximum {MAX_WIDTH}")
-    if weight.device != x.device:
-        raise ValueError(f"rms_norm_triton: x is on {x.device} but weight is on {weight.device}")
+    check_supported("rms_norm_triton", _unsupported(x, weight))
     if x.stride(-1) != 1:
         x = x.contiguous()
     if out is not None:
@@ -117,11 +125,6 @@ def rms_norm_triton(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """The backend's RMSNorm: the Triton kernel where it applies, ``rms_norm_ref`` elsewhere (CPU tensors
     outside the interpreter, unsupported dtypes, rows wider than ``MAX_WIDTH``)."""
-    usable = (
-        can_launch(x)
-        and dtype_supported(x.dtype)
-        and x.shape[-1] <= MAX_WIDTH
-        and weight.shape == (x.shape[-1],)
-        and weight.device == x.device
-    )
-    return rms_norm_triton(x, weight, eps) if usable else rms_norm_ref(x, weight, eps)
+    if can_launch(x) and _unsupported(x, weight) is None:
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)

@@ -5,12 +5,13 @@ with "exact" computed in float64. Outputs are poisoned with NaN before each laun
 kernel fails to write fails the test. Shapes are small and odd (non-power-of-two lengths, 1-token
 sequences, packed lengths [1, 37, 130]) because the interpreter runs every program in Python.
 bf16: the interpreter cannot run a bf16 ``tl.dot`` (numpy has no bf16), so under it the kernel's bf16
-dots run in fp32 on the bf16 values (``UPCAST_DOT``); loads, RoPE rounding, masking and stores are
-the bf16 path the GPU runs. fp16 and fp32 run exactly the GPU's code path.
+dots run in fp32 on the bf16 values (``UPCAST_DOT``); loads, RoPE rounding, ragged-tile masking and
+stores are the bf16 path the GPU runs. fp16 and fp32 run exactly the GPU's code path.
 Triton must be installed: these tests fail, not skip, without it.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -36,14 +37,12 @@ def triton_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def exact_attention(q, k, v, key_mask=None, rope=None):
+def exact_attention(q, k, v, rope=None):
     """float64 oracle, independent of the reference: [B,H,Sq,D] x [B,H,Sk,D] -> [B,H,Sq,D]."""
     q, k, v = q.double(), k.double(), v.double()
     if rope is not None:
         q, k = (rotate_exact(t, *rope) for t in (q, k))
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B,H,Sq,Sk]
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
 
@@ -53,13 +52,11 @@ def rotate_exact(x, cos, sin):
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
-def lowp_attention(q, k, v, key_mask=None, rope=None):
+def lowp_attention(q, k, v, rope=None):
     """Plain torch attention computed in the inputs' own dtype: the error budget of the tolerance rule."""
     if rope is not None:
         q, k = apply_rope_ref(q, *rope), apply_rope_ref(k, *rope)
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
 
@@ -86,32 +83,28 @@ def poisoned_like(q):
     return torch.full_like(q, float("nan"))
 
 
-# (dtype, head dim, batch, heads, Sq, Sk, key mask, rope): odd lengths, cross-attention (Sq != Sk),
-# a 1-token query and a 1-token key, both head dims, every dtype
+# (dtype, head dim, batch, heads, Sq, Sk, rope): odd lengths, cross-attention (Sq != Sk), a 1-token
+# query and a 1-token key, both head dims, every dtype
 DENSE_CASES = [
-    (torch.float32, 64, 2, 2, 37, 37, False, False),
-    (torch.float16, 128, 1, 2, 23, 19, True, False),
-    (torch.bfloat16, 64, 2, 1, 33, 33, False, True),
-    (torch.float32, 128, 1, 2, 21, 21, True, True),
-    (torch.float16, 64, 2, 2, 1, 45, True, False),
-    (torch.bfloat16, 128, 1, 1, 1, 1, False, True),
+    (torch.float32, 64, 2, 2, 37, 37, False),
+    (torch.float16, 128, 1, 2, 23, 19, False),
+    (torch.bfloat16, 64, 2, 1, 33, 33, True),
+    (torch.float32, 128, 1, 2, 21, 21, True),
+    (torch.float16, 64, 2, 2, 1, 45, False),
+    (torch.bfloat16, 128, 1, 1, 1, 1, True),
 ]
 
 
-@pytest.mark.parametrize("dtype,head_dim,batch,heads,seqlen_q,seqlen_k,masked,roped", DENSE_CASES)
-def test_dense_attention_matches_exact(dtype, head_dim, batch, heads, seqlen_q, seqlen_k, masked, roped):
+@pytest.mark.parametrize("dtype,head_dim,batch,heads,seqlen_q,seqlen_k,roped", DENSE_CASES)
+def test_dense_attention_matches_exact(dtype, head_dim, batch, heads, seqlen_q, seqlen_k, roped):
     q = torch.randn(batch, heads, seqlen_q, head_dim).to(dtype)
     k = torch.randn(batch, heads, seqlen_k, head_dim).to(dtype)
     v = torch.randn(batch, heads, seqlen_k, head_dim).to(dtype)
-    key_mask = None
-    if masked:
-        key_mask = torch.rand(batch, seqlen_k) > 0.4
-        key_mask[:, 0] = True  # every query keeps a key (a fully masked row is tested separately)
     rope = random_rope(seqlen_q, head_dim) if roped else None
-    out = attention_triton(q, k, v, key_mask, rope, out=poisoned_like(q))
+    out = attention_triton(q, k, v, rope, out=poisoned_like(q))
     assert out.dtype == dtype and out.shape == q.shape
-    exact = exact_attention(q, k, v, key_mask, rope)
-    assert_within_rule(out, exact, lowp_attention(q, k, v, key_mask, rope), ATOL[dtype])
+    exact = exact_attention(q, k, v, rope)
+    assert_within_rule(out, exact, lowp_attention(q, k, v, rope), ATOL[dtype])
 
 
 def test_rope_fused_equals_rope_then_attention():
@@ -133,12 +126,12 @@ def test_model_layout_strides_and_output_layout():
     torch.testing.assert_close(out, attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
 
 
-def test_query_with_no_key_to_attend_returns_zeros():
-    q, k, v = (torch.randn(2, 1, 5, 64) for _ in range(3))
-    key_mask = torch.tensor([[False] * 5, [True, False, True, False, False]])
-    out = attention_triton(q, k, v, key_mask, out=poisoned_like(q))
-    assert torch.equal(out[0], torch.zeros_like(out[0]))
-    torch.testing.assert_close(out, attention_ref(q, k, v, key_mask), atol=1e-5, rtol=1e-5)  # SDPA gives 0 too
+def test_no_key_mask_rope_by_keyword():
+    """Text context is zero-padded and attended unmasked (Wan 2.1, diffusers' WanPipeline, ComfyUI):
+    there is no key mask to pass, and callers pass ``rope=`` by keyword."""
+    assert list(inspect.signature(attention).parameters) == ["q", "k", "v", "rope"]
+    assert list(inspect.signature(attention_ref).parameters) == ["q", "k", "v", "rope"]
+    assert list(inspect.signature(attention_triton).parameters) == ["q", "k", "v", "rope", "out"]
 
 
 def test_dispatch_falls_back_to_reference_for_unsupported_calls(monkeypatch):
@@ -156,10 +149,6 @@ def test_dispatch_falls_back_to_reference_for_unsupported_calls(monkeypatch):
         (
             lambda: attention_triton(torch.randn(1, 1, 4, 64), *(torch.randn(1, 1, 4, 64).half() for _ in range(2))),
             "share one dtype",
-        ),
-        (
-            lambda: attention_triton(*(torch.randn(1, 1, 4, 64) for _ in range(3)), key_mask=torch.ones(1, 3, dtype=torch.bool)),
-            "key_mask must be bool [1, 4]",
         ),
         (
             lambda: attention_triton(torch.randn(1, 1, 4, 64), *(torch.randn(1, 1, 6, 64) for _ in range(2)), rope=random_rope(4, 64)),
@@ -209,6 +198,15 @@ def test_packed_cross_attention_with_different_query_and_key_lengths():
         seq = [t.transpose(0, 1)[None] for t in seq]
         exact = exact_attention(*seq)[0].transpose(0, 1)
         assert_within_rule(out[q0:q1], exact, lowp_attention(*seq)[0].transpose(0, 1), ATOL[dtype])
+
+
+def test_packed_sequence_with_no_keys_returns_zeros():
+    q, cu_q = torch.randn(5, 1, 64), torch.tensor([0, 2, 5], dtype=torch.int32)
+    k, v, cu_k = torch.randn(3, 1, 64), torch.randn(3, 1, 64), torch.tensor([0, 0, 3], dtype=torch.int32)
+    out = attention_varlen_triton(q, k, v, cu_q, cu_k, 3, 3, out=poisoned_like(q))
+    assert torch.equal(out[:2], torch.zeros_like(out[:2]))  # the first sequence has no key to attend
+    reference = attention_varlen_ref(q, k, v, cu_q, cu_k, 3, 3)  # SDPA over no keys gives 0 too
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_rope_fused_equals_rope_then_attention_and_reference():

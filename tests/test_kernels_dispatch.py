@@ -144,6 +144,46 @@ def test_triton_backend_on_cpu_tensors_outside_interpreter_uses_references(monke
     assert torch.equal(TRITON.rms_norm(x, scale[0, 0], 1e-6), REFERENCE.rms_norm(x, scale[0, 0], 1e-6))
 
 
+def test_each_op_takes_its_kernel_exactly_where_its_launcher_does(monkeypatch):
+    """One rule per op decides both: the backend's op takes the kernel for every input its ``*_triton``
+    launcher accepts, and the reference for every input the launcher refuses (kernel limits, and
+    shapes the kernel cannot read, which the reference computes by broadcasting or reports)."""
+    from comfyui_spacetime.kernels import adaln, attention, attention_varlen, rmsnorm
+
+    taken = []
+    for module, op in ((adaln, "layer_norm_modulate"), (adaln, "gated_residual"), (rmsnorm, "rms_norm"),
+                       (attention, "attention"), (attention_varlen, "attention_varlen")):  # fmt: skip
+        real = getattr(module, f"{op}_ref")
+        monkeypatch.setattr(module, f"{op}_ref", lambda *args, real=real: taken.append("reference") or real(*args))
+    x, q = torch.randn(2, 3, 8), torch.randn(1, 2, 4, 64)
+    packed, cu = torch.randn(7, 2, 64), torch.tensor([0, 3, 7])
+    rope, bad_rope = (torch.randn(4, 32), torch.randn(4, 32)), (torch.randn(4, 32), torch.randn(1, 32))
+    packed_rope = (torch.randn(7, 32), torch.randn(7, 32))
+    cases = [
+        (adaln, "layer_norm_modulate", (x, torch.randn(2, 1, 8), torch.randn(2, 3, 8))),
+        (adaln, "layer_norm_modulate", (x, torch.randn(2, 3, 1), torch.randn(2, 1, 8))),  # a per-token scalar shift
+        (adaln, "layer_norm_modulate", (x.double(), torch.randn(2, 1, 8), torch.randn(2, 1, 8))),
+        (adaln, "gated_residual", (x, x, torch.randn(1, 1, 8))),
+        (adaln, "gated_residual", (x, torch.randn(2, 1, 8), torch.randn(2, 1, 8))),  # y broadcast over tokens
+        (rmsnorm, "rms_norm", (x, torch.randn(8))),
+        (rmsnorm, "rms_norm", (x, torch.randn(1, 8))),
+        (attention, "attention", (q, q, q, rope)),
+        (attention, "attention", (q, q, q, bad_rope)),  # a sin table the reference broadcasts
+        (attention, "attention", (q[..., :32], q[..., :32], q[..., :32])),
+        (attention_varlen, "attention_varlen", (packed, packed, packed, cu, cu, 4, 4, packed_rope)),
+        (attention_varlen, "attention_varlen", (packed, packed, packed, cu.float(), cu, 4, 4)),  # float cu_seqlens
+    ]
+    for module, op, args in cases:
+        try:
+            getattr(module, f"{op}_triton")(*args)
+            accepted = True
+        except ValueError:
+            accepted = False
+        taken.clear()
+        getattr(module, op)(*args)
+        assert taken == ([] if accepted else ["reference"]), (op, [tuple(a.shape) for a in args if torch.is_tensor(a)])
+
+
 def test_backends_keep_the_model_call_signatures():
     fields = [f for f in KernelBackend.__dataclass_fields__]
     assert fields[:5] == ["name", "attention", "layer_norm_modulate", "gated_residual", "rms_norm"]
@@ -164,7 +204,7 @@ def test_ops_register_with_torch_library_for_torch_compile():
         (rmsnorm._rms_norm_op, (x, weight, 1e-6)),
         (adaln._layer_norm_modulate_op, (x, gate, gate, 1e-6)),
         (adaln._gated_residual_op, (x, x, gate)),
-        (attention._attention_op, (q, q, q, torch.ones(1, 7, dtype=torch.bool), *rope)),
+        (attention._attention_op, (q, q, q, *rope)),
         (attention_varlen._attention_varlen_op, (packed, packed, packed, cu, cu, 4, 4, None, None)),
     ]
     for lazy_op, args in cases:
