@@ -1,20 +1,20 @@
-"""Test set-up. The repo root is the package ComfyUI imports, under whatever name its folder has; the
-tests load it once as ``comfyui_spacetime`` (as run_workflow.py does) and keep pytest from importing
-it a second time under the folder's name."""
-import importlib.util
+"""Test set-up and shared fixtures. The repo root is the package ComfyUI imports, under whatever name its
+folder has; the tests load it once as ``comfyui_spacetime`` through the same loader as the root scripts
+(``spacetime_bootstrap``) and keep pytest from importing it a second time under the folder's name.
+
+Test files are named ``test_<layer>_<subject>.py``: kernels, model (model_defs), jobs, nodes, runner
+(headless workflows), parity (against reference implementations), builtin (the shipped tiny model), pack
+(the package as ComfyUI loads it)."""
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "comfyui_spacetime"
+sys.path.insert(0, str(ROOT))
+from spacetime_bootstrap import load_package  # noqa: E402
 
-if PACKAGE not in sys.modules:
-    _spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[PACKAGE] = _module
-    _spec.loader.exec_module(_module)
+load_package()
 
 
 class _RootAsPlainDirectory:
@@ -31,6 +31,23 @@ class _RootAsPlainDirectory:
 
 def pytest_configure(config):
     config.pluginmanager.register(_RootAsPlainDirectory(), "spacetime-root-directory")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The built-in tiny DiT on the reference kernels, loaded once per test run. Shared: never modify it."""
+    from comfyui_spacetime.kernels import REFERENCE
+    from comfyui_spacetime.model_defs.builtin import builtin_model
+
+    return builtin_model(REFERENCE)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae():
+    """The built-in tiny VAE, loaded once per test run. Shared: never modify it."""
+    from comfyui_spacetime.model_defs.builtin import builtin_vae
+
+    return builtin_vae()
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The built-in model: its shipped weights load and match their recorded configs, damaged or missing
 weights get an error saying how to restore them, prompts of every kind generate, and a prompt + seed
-gives the same video twice (long prompts: tests/test_bad_inputs.py)."""
+gives the same video twice (long prompts: tests/test_nodes_bad_inputs.py)."""
 import json
 import shutil
 

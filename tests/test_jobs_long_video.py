@@ -4,9 +4,7 @@ frames generated so far, gets its own seed, and that the first chunk is plain te
 import pytest
 import torch
 
-from comfyui_spacetime.kernels import REFERENCE
 from comfyui_spacetime.jobs import long_video
-from comfyui_spacetime.model_defs.builtin import builtin_model, builtin_vae
 from comfyui_spacetime.model_defs.bundles import SpacetimeConditioning
 from comfyui_spacetime.jobs.long_video import plan_long_video
 from comfyui_spacetime.jobs.text_to_video import empty_latent, generate
@@ -47,8 +45,8 @@ def _text(seed: int) -> SpacetimeConditioning:
     return SpacetimeConditioning(EncodedText(embeddings, torch.ones(1, 8, dtype=torch.bool), ("x",), (False,)), "test")
 
 
-def test_chunks_continue_the_video_at_one_chunks_size(monkeypatch):
-    model, vae = builtin_model(REFERENCE), builtin_vae()
+def test_chunks_continue_the_video_at_one_chunks_size(monkeypatch, tiny_model, tiny_vae):
+    model, vae = tiny_model, tiny_vae
     positive, negative = _text(0), _text(1)
     calls, extended = [], []
     real_generate, real_extend = long_video.generate, long_video.extend_video
@@ -78,7 +76,7 @@ def test_chunks_continue_the_video_at_one_chunks_size(monkeypatch):
     torch.testing.assert_close(video[:17], plain, rtol=0, atol=0)
 
 
-def test_node_refuses_a_bad_strength_before_sampling():
-    model, vae = builtin_model(REFERENCE), builtin_vae()
+def test_node_refuses_a_bad_strength_before_sampling(tiny_model, tiny_vae):
+    model, vae = tiny_model, tiny_vae
     with pytest.raises(ValueError, match=r"strength=1.5 is not allowed: it must be between 0 and 1"):
         SpacetimeLongVideo().generate(model, vae, _text(0), _text(1), 64, 64, 33, 17, 5, 0, 1, 3.0, 3.0, "unipc", 1.5)

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_spacetime.kernels import REFERENCE
-from comfyui_spacetime.model_defs.builtin import builtin_model, builtin_vae
 from comfyui_spacetime.model_defs.bundles import SpacetimeConditioning
 from comfyui_spacetime.model_defs.known_frames import MID_RUN_LEAD_IN, KnownLatents, run_latent_frames
 from comfyui_spacetime.model_defs.sizes import latent_frame_of, pixel_frames_of
@@ -109,8 +107,8 @@ def test_guide_strength_blends_and_zero_is_no_guide():
 # ---------------------------------------------------------------- on the built-in model
 
 @pytest.fixture(scope="module")
-def built_in():
-    model, vae = builtin_model(REFERENCE), builtin_vae()
+def built_in(tiny_model, tiny_vae):
+    model, vae = tiny_model, tiny_vae
     generator = torch.Generator().manual_seed(0)
     text = lambda: SpacetimeConditioning(EncodedText(torch.randn(1, 8, 384, generator=generator), torch.ones(1, 8, dtype=torch.bool), ("x",), (False,)), "test")
     return model, vae, text(), text()

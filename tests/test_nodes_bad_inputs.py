@@ -1,20 +1,19 @@
 """Bad inputs to the nodes get errors naming the input and the allowed values."""
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfyui_spacetime.kernels import REFERENCE
-from comfyui_spacetime.model_defs.builtin import builtin_model, builtin_vae
 from comfyui_spacetime.model_defs.checkpoint import CheckpointError
 from comfyui_spacetime.nodes.loaders import SpacetimeModelLoader, SpacetimeVAELoader
 from comfyui_spacetime.nodes.sampling import SpacetimeEmptyLatentVideo, SpacetimeSampler, SpacetimeTextEncode
 
 
 @pytest.fixture(scope="module")
-def vae():
-    return builtin_vae()
+def vae(tiny_vae):
+    return tiny_vae
 
 
 @pytest.mark.parametrize("width, height, name, nearest", [(72, 64, "width", "[64, 80]"), (64, 40, "height", "[32, 48]"), (8, 64, "width", "[16]")])
@@ -36,11 +35,11 @@ def test_empty_latent_shape(vae):
 
 
 @pytest.fixture(scope="module")
-def sampler_inputs(vae):
+def sampler_inputs(vae, tiny_model):
     from comfyui_spacetime.model_defs.bundles import SpacetimeConditioning
     from comfyui_spacetime.model_defs.text_encoders import EncodedText
 
-    model = builtin_model(REFERENCE)
+    model = tiny_model
     text = EncodedText(torch.randn(1, 48, 384), torch.ones(1, 48, dtype=torch.bool), ("x",), (False,))
     cond = SpacetimeConditioning(text, "test")
     (latent,) = SpacetimeEmptyLatentVideo().generate(vae, 32, 32, 5, 1)
@@ -113,3 +112,64 @@ def test_text_encode_truncates_long_prompt_and_says_so(caplog, models_dir):
     assert short.text.embeddings[0, 5:].abs().sum() == 0 and short.text.embeddings[0, :5].abs().sum() > 0
     with pytest.raises(FileNotFoundError, match=r"text_encoder_name='umt5.safetensors': model file not found in the 'text_encoders' folder"):
         SpacetimeTextEncoderLoader().load("umt5.safetensors")
+
+
+# ---------------------------------------------------------------- checked at validation, before any model loads
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("node_id, values, message", [
+    ("SpacetimeSampler", dict(seed=0, steps=4, cfg=NAN, shift=3.0, scheduler="euler", denoise=1.0), r"cfg=nan is not allowed: it must be a finite number"),
+    ("SpacetimeSampler", dict(seed=0, steps=4, cfg=5.0, shift=INF, scheduler="euler", denoise=1.0), r"shift=inf is not allowed: it must be a finite number"),
+    ("SpacetimeSampler", dict(seed=0, steps=4, cfg=5.0, shift=3.0, scheduler="ddim", denoise=1.0), r"scheduler='ddim' is not allowed; allowed values: \['unipc', 'euler', 'heun'\]"),
+    ("SpacetimeEmptyLatentVideo", dict(width=72, height=64, frames=17, batch_size=1), r"width=72 is not allowed: it must be a multiple of 16 .*nearest allowed values: \[64, 80\]"),
+    ("SpacetimeEmptyLatentVideo", dict(width=64, height=64, frames=16, batch_size=1), r"frames=16 is not allowed: it must be 1 \+ 4\*k"),
+    ("SpacetimeImageToVideo", dict(width=64, height=64, frames=17, frame_index=17, strength=1.0), r"frame_index=17 is outside the video"),
+    ("SpacetimeExtendVideo", dict(direction="forward", overlap=5, new_frames=12, strength=NAN), r"strength=nan is not allowed"),
+    ("SpacetimeLongVideo", dict(width=64, height=64, frames=961, chunk_frames=17, overlap=17, seed=0, steps=4, cfg=5.0, shift=5.0, scheduler="unipc", strength=1.0),
+     r"overlap=17 is not allowed with chunk_frames=17"),
+    ("SpacetimePackedSampler", dict(videos="a | 64 | 64 | 16", negative="", seed=0, steps=4, cfg=5.0, shift=5.0, scheduler="unipc", max_tokens_per_pack=100),
+     r"line 1: frames=16 is not allowed"),
+])
+def test_bad_widget_values_fail_validation_with_one_line(node_id, values, message):
+    """ComfyUI calls VALIDATE_INPUTS with the literal inputs before running anything (the headless runner too)."""
+    from comfyui_spacetime.nodes import NODE_CLASS_MAPPINGS
+
+    result = NODE_CLASS_MAPPINGS[node_id].VALIDATE_INPUTS(**values)
+    assert isinstance(result, str) and "\n" not in result
+    assert re.search(message, result), result
+
+
+def test_validation_passes_good_values_and_leaves_linked_inputs_to_run_time():
+    from comfyui_spacetime.nodes import NODE_CLASS_MAPPINGS
+
+    sampler = NODE_CLASS_MAPPINGS["SpacetimeSampler"]
+    assert sampler.VALIDATE_INPUTS(seed=0, steps=4, cfg=5.0, shift=3.0, scheduler="euler", denoise=0.5) is True
+    assert sampler.VALIDATE_INPUTS(seed=0, steps=4, cfg=None, shift=3.0, scheduler="euler", denoise=1.0) is True  # cfg linked
+    empty = NODE_CLASS_MAPPINGS["SpacetimeEmptyLatentVideo"]
+    assert empty.VALIDATE_INPUTS(width=96, height=48, frames=21, batch_size=2) is True
+    assert empty.VALIDATE_INPUTS(width=None, height=48, frames=21, batch_size=2) is True
+
+
+def test_a_dit_file_missing_required_keys_names_them(tmp_path):
+    from safetensors.torch import save_file
+
+    from comfyui_spacetime.kernels import REFERENCE
+    from comfyui_spacetime.model_defs.checkpoint import CheckpointError, load_model
+    from comfyui_spacetime.model_defs.wan_dit import WanDiT, WanDiTConfig
+
+    state = WanDiT(WanDiTConfig(dim=128, ffn_dim=32, freq_dim=16, text_dim=8, num_heads=1, num_layers=1), REFERENCE).state_dict()
+    del state["patch_embedding.weight"], state["head.head.weight"]
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "partial_dit.safetensors")
+    with pytest.raises(CheckpointError, match=r"partial_dit.safetensors is not a whole Wan DiT: it lacks the keys \['patch_embedding.weight', 'head.head.weight'\]"):
+        load_model(tmp_path / "partial_dit.safetensors", torch.float32, REFERENCE)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/outside.safetensors", "sub/../../outside.safetensors"])
+def test_model_names_resolve_only_inside_their_folder(models_dir, name):
+    from comfyui_spacetime.nodes import comfy_glue
+
+    (models_dir / "outside.safetensors").write_bytes(b"x")  # exists, but beside the vae folder, not in it
+    with pytest.raises(FileNotFoundError, match=r"vae_name=.*model file not found in the 'vae' folder"):
+        comfy_glue.model_file_path("vae", name, "vae_name")

@@ -54,17 +54,15 @@ def test_normalize_round_trip():
     assert latent_format.normalize(z)[0, 0, 0, 0, 0] == (z[0, 0, 0, 0, 0] + 0.7571) / 2.8184
 
 
-def test_vae_with_wrong_channels_for_the_model_is_refused(tmp_path):
+def test_vae_with_wrong_channels_for_the_model_is_refused(tmp_path, tiny_model):
     """A VAE whose latent channels do not match the DiT: the sampler says so, naming both."""
-    from comfyui_spacetime.kernels import REFERENCE
-    from comfyui_spacetime.model_defs.builtin import builtin_model
     from comfyui_spacetime.model_defs.bundles import SpacetimeConditioning
     from comfyui_spacetime.jobs.text_to_video import generate
     from comfyui_spacetime.model_defs.text_encoders import EncodedText
 
     cond = SpacetimeConditioning(EncodedText(torch.zeros(1, 48, 384), torch.ones(1, 48, dtype=torch.bool), ("x",), (False,)), "t")
     with pytest.raises(ValueError, match=r"latent has 48 channels but model spacetime-builtin-tiny takes 16; use the VAE that matches the model"):
-        generate(builtin_model(REFERENCE), cond, cond, torch.zeros(1, 48, 2, 4, 4), 0, SolverSettings(1, 1.0, 1.0, "euler", 1.0), torch.device("cpu"))
+        generate(tiny_model, cond, cond, torch.zeros(1, 48, 2, 4, 4), 0, SolverSettings(1, 1.0, 1.0, "euler", 1.0), torch.device("cpu"))
 
 
 def test_vae_file_missing_a_tensor_is_refused(tmp_path):
