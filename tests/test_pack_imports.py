@@ -124,3 +124,10 @@ def test_only_glue_module_mentions_comfyui_packages():
             continue
         for level, module in _imports(path):
             assert not (level == 0 and module.split(".")[0] in ("comfy", "folder_paths", "comfy_extras")), rel
+
+
+def test_readme_node_table_lists_every_registered_node():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Nodes"):]
+    rows = {line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| Spacetime")}
+    assert rows == set(NODE_DISPLAY_NAME_MAPPINGS.values())
