@@ -2,8 +2,8 @@
 
 Usage: python benchmarks/packed_sampling.py [--steps 20] [--repeats 3] [--threads 2]
     [--videos "64x64x17,96x64x9,64x96x13"] [--scheduler unipc] [--cfg 5.0]
-Sequential: ``pipeline.generate`` once per prompt (each a batch of 2 for CFG). Packed:
-``packed_sampling.generate_packed``, every prompt's positive and negative pass in one packed sequence per
+Sequential: ``jobs.text_to_video.generate`` once per prompt (each a batch of 2 for CFG). Packed:
+``jobs.packed.generate_packed``, every prompt's positive and negative pass in one packed sequence per
 step. Prints the best wall time of each over the repeats, their ratio, and the largest difference
 between the two results (they must agree to float rounding).
 """

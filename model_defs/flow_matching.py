@@ -28,7 +28,7 @@ _Evaluate = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, to
 
 
 class Guide(Protocol):
-    """Holds parts of the sample to given values while sampling (known frames: ``conditioning.py``).
+    """Holds parts of the sample to given values while sampling (known frames: ``known_frames.py``).
     Every model evaluation at noise level ``sigma`` sees ``model_input(x, sigma)`` (the solver goes on
     from it) and the solver uses ``velocity(v)``; the final sample is ``final(x)``."""
 

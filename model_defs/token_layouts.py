@@ -19,13 +19,23 @@ Shapes: T packed video tokens; Tk packed text tokens; C model width; H heads, D 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 from einops import rearrange
 
 from ..kernels import KernelBackend
 from .layers import rope_3d_tables
+
+
+class TokenLayout(Protocol):
+    """What a block asks of its layout (module docstring); ``DenseLayout`` and ``PackedLayout`` are the two."""
+
+    def per_token(self, per_sample: torch.Tensor) -> torch.Tensor: ...
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor: ...
+
+    def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True, eq=False)

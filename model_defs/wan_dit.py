@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,7 @@ from einops import rearrange
 from ..kernels import KernelBackend, get_backend
 from .layers import config_from_dict, patchify, rope_3d_tables, sinusoidal_embedding, unpatchify
 from .sizes import patch_grid
-from .token_layouts import DenseLayout, PackedLayout, Pack, PackedText, make_pack, pack_text
+from .token_layouts import DenseLayout, Pack, PackedLayout, PackedText, TokenLayout, make_pack, pack_text
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class WanAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps, backend)
         self.norm_k = RMSNorm(dim, eps, backend)
 
-    def forward(self, x: torch.Tensor, attend, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: Callable[..., torch.Tensor], context: torch.Tensor | None = None) -> torch.Tensor:
         source = x if context is None else context  # [.., Sk, C]
         q = self.norm_q(self.q(x))  # [.., Sq, C]
         k = self.norm_k(self.k(source))  # [.., Sk, C]
@@ -105,9 +106,9 @@ class WanBlock(nn.Module):
         self._modulate = backend.layer_norm_modulate
         self._gated_residual = backend.gated_residual
 
-    def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor, layout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         # x [B,S,C] (dense) or [1,T,C] (packed); time_mod [N,6,C] fp32, one row per sample or sequence;
-        # context [B,L,C] or [1,Tk,C]; layout: DenseLayout | PackedLayout
+        # context [B,L,C] or [1,Tk,C]
         tok = layout.per_token  # [N,C] -> broadcastable to x
         mod = self.modulation.float() + time_mod  # [N,6,C]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)  # [N,C] each
@@ -126,7 +127,7 @@ class WanHead(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
         self._modulate = backend.layer_norm_modulate
 
-    def forward(self, x: torch.Tensor, time_emb: torch.Tensor, layout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         # x [B,S,C] or [1,T,C]; time_emb [N,C] fp32
         shift, scale = (self.modulation.float() + time_emb[:, None, :]).unbind(1)  # [N,C] each
         return self.head(self._modulate(x, layout.per_token(shift), layout.per_token(scale), self.eps))  # [.., pt*ph*pw*out]
@@ -219,7 +220,7 @@ class WanDiT(nn.Module):
         out = self.forward_packed(pack, tokens, timesteps, pack_text(contexts))  # [T,P']
         return [unpatchify(part, grid, patch) for part, grid in zip(out.split(pack.lengths), grids)]
 
-    def _transformer(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, layout) -> torch.Tensor:
+    def _transformer(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Embedded tokens x (``[B,S,C]`` dense, ``[1,T,C]`` packed) through the blocks and the head."""
         cfg = self.config
         dtype = self.patch_embedding.weight.dtype

@@ -176,5 +176,5 @@ def detect_vae_config(state_dict: dict[str, torch.Tensor]) -> WanVAEConfig:
     temporal = tuple(f"encoder.downsamples.{i}.time_conv.weight" in state_dict for i in resamples)
     preset = VAE_PRESETS["wan2.1"]
     return WanVAEConfig(base_dim=base_dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=num_res_blocks, temporal_downsample=temporal,
-                        latents_mean=preset.latents_mean if z_dim == 16 else (0.0,) * z_dim,
-                        latents_std=preset.latents_std if z_dim == 16 else (1.0,) * z_dim)
+                        latents_mean=preset.latents_mean if z_dim == preset.z_dim else (0.0,) * z_dim,
+                        latents_std=preset.latents_std if z_dim == preset.z_dim else (1.0,) * z_dim)
