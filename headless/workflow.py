@@ -5,7 +5,9 @@ Every problem is a one-line ``WorkflowError`` naming the node (id, title, type) 
 file where no node can be named (not UTF-8, not JSON, a malformed entry of 'nodes' or 'links')."""
 from __future__ import annotations
 
+import inspect
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,12 +290,44 @@ def _check_value(call: NodeCall, name: str, input_type, options: dict, value) ->
         raise WorkflowError(f"{call.where(name)}: expects a connection of type {input_type}, got the value {_short(value)}")
     if not isinstance(value, expected) or (input_type in ("INT", "FLOAT") and isinstance(value, bool)):
         raise WorkflowError(f"{call.where(name)}: expects {input_type}, got {_short(value)}")
+    if input_type not in ("INT", "FLOAT"):
+        return
     low, high = options.get("min"), options.get("max")
-    if input_type in ("INT", "FLOAT") and ((low is not None and value < low) or (high is not None and value > high)):
+    if isinstance(value, float) and not math.isfinite(value):  # NaN compares False with every bound, so it would pass the range check below
+        raise WorkflowError(f"{call.where(name)}: {value} is not a finite number; allowed: {low} to {high}")
+    if (low is not None and value < low) or (high is not None and value > high):
         raise WorkflowError(f"{call.where(name)}: {value} is out of range; allowed: {low} to {high}")
 
 
+def _custom_validation(call: NodeCall, node_class, calls: dict[str, NodeCall], node_types: dict) -> None:
+    """A node's own ``VALIDATE_INPUTS``, called as ComfyUI calls it (execution.py, validate_inputs): with the
+    inputs its signature names, or all of them when it takes ``**kwargs``; a linked input's value is not known
+    before the run, so it comes as None; ``input_types`` (if named) gets the type each link delivers. It returns
+    True, or what is wrong (a string), which becomes this node's error."""
+    check = getattr(node_class, "VALIDATE_INPUTS", None)
+    if check is None:
+        return
+    argspec = inspect.getfullargspec(check)
+    values = {name: None if isinstance(value, Link) else value for name, value in call.inputs.items()}
+    kwargs = {name: value for name, value in values.items() if argspec.varkw is not None or name in argspec.args}
+    if getattr(node_class, "INPUT_IS_LIST", False):
+        kwargs = {name: [value] for name, value in kwargs.items()}
+    if "input_types" in argspec.args:
+        kwargs["input_types"] = {
+            name: output_type(calls, node_types, link, call, name) for name, link in call.inputs.items() if isinstance(link, Link)
+        }
+    try:
+        verdict = check(**kwargs)
+    except Exception as exc:  # a broken check is the node's bug; still one line, with the cause kept
+        raise WorkflowError(f"{call.where()}: VALIDATE_INPUTS failed with {type(exc).__name__}: {exc}") from exc
+    if verdict is not True:
+        reason = verdict if isinstance(verdict, str) and verdict else f"inputs refused by the node's check ({sorted(kwargs)})"
+        raise WorkflowError(f"{call.where()}: {reason}")
+
+
 def validate(calls: dict[str, NodeCall], node_types: dict) -> None:
+    """Every check that needs no work done: node types, input names, required inputs, link types, literal
+    values (type, finite, range, allowed values), then each node's own VALIDATE_INPUTS."""
     for call in calls.values():
         if call.class_type not in node_types:
             raise WorkflowError(
@@ -316,3 +350,5 @@ def validate(calls: dict[str, NodeCall], node_types: dict) -> None:
                     raise WorkflowError(f"{call.where(name)}: type mismatch: expects {input_type}, connected to {got}")
             else:
                 _check_value(call, name, input_type, options, value)
+    for call in calls.values():
+        _custom_validation(call, node_types[call.class_type], calls, node_types)

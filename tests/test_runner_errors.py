@@ -197,3 +197,131 @@ def test_malformed_api_entries_are_one_line_naming_the_node(tmp_path, text, mess
 
 def test_multi_line_messages_become_one_line():
     assert str(WorkflowError("node 1: first\n   second\n\nthird ")) == "node 1: first second third"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_float_values_must_be_finite(tmp_path, value):
+    data = copy.deepcopy(T2V)
+    _node(data, 7)["widgets_values"][3] = value  # cfg; json writes NaN / Infinity, which json reads back
+    with pytest.raises(WorkflowError, match=rf"node 7 .*input 'cfg': {value} is not a finite number; allowed: 0.0 to 100.0$"):
+        run_workflow(_write(tmp_path, data), tmp_path)
+
+
+class Checked:
+    """A toy node whose VALIDATE_INPUTS names one literal and one linked input."""
+    RETURN_TYPES = ("NUMBER",)
+    FUNCTION = "run"
+    CATEGORY = "test"
+    seen, ran = [], []
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"source": ("NUMBER",), "count": ("INT", {"default": 1, "min": 0}), "label": ("STRING", {})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, count, source):
+        cls.seen.append({"count": count, "source": source})
+        return True if count != 13 else "count=13 is unlucky; allowed: any other count"
+
+    def run(self, source, count, label):
+        Checked.ran.append(count)
+        return (count,)
+
+
+class CheckedKwargs(Checked):
+    @classmethod
+    def VALIDATE_INPUTS(cls, **kwargs):
+        cls.seen.append(kwargs)
+        return kwargs["label"] == "ok"
+
+
+class Source:
+    RETURN_TYPES = ("NUMBER",)
+    FUNCTION = "run"
+    CATEGORY = "test"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 0})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, value):
+        return 1 / value > 0  # value 0: the check itself fails
+
+    def run(self, value):
+        if value == 7:
+            raise KeyError("seven")
+        if value == 8:
+            raise HubDownloadError("the Hub said no; run the node again")
+        return (value,)
+
+
+@pytest.fixture
+def toy_nodes(monkeypatch):
+    monkeypatch.setattr(runner, "NODE_TYPES", {"Checked": Checked, "CheckedKwargs": CheckedKwargs, "Source": Source})
+    Checked.seen, Checked.ran, CheckedKwargs.seen = [], [], []
+
+
+def _prompt(node_type, count=1, label="ok", value=1):
+    return {
+        "1": {"class_type": "Source", "inputs": {"value": value}},
+        "2": {"class_type": node_type, "inputs": {"source": ["1", 0], "count": count, "label": label}, "_meta": {"title": "Toy"}},
+    }
+
+
+def test_validate_inputs_gets_what_its_signature_names_before_anything_runs(tmp_path, toy_nodes):
+    run_workflow(_write(tmp_path, _prompt("Checked")), tmp_path)
+    assert Checked.seen == [{"count": 1, "source": None}] and Checked.ran == [1]  # linked: not known yet, None
+    with pytest.raises(WorkflowError, match=r"^node 2 \('Toy', Checked\): count=13 is unlucky; allowed: any other count$"):
+        run_workflow(_write(tmp_path, _prompt("Checked", count=13)), tmp_path)
+    assert Checked.ran == [1]  # refused before any node ran
+    run_workflow(_write(tmp_path, _prompt("CheckedKwargs")), tmp_path)
+    assert CheckedKwargs.seen == [{"source": None, "count": 1, "label": "ok"}]  # **kwargs: every input
+    with pytest.raises(WorkflowError, match=r"^node 2 \('Toy', CheckedKwargs\): inputs refused by the node's check"):
+        run_workflow(_write(tmp_path, _prompt("CheckedKwargs", label="no")), tmp_path)
+
+
+def test_a_failing_validate_inputs_is_one_line_with_its_cause(tmp_path, toy_nodes):
+    with pytest.raises(WorkflowError, match=r"^node 1 \('Source', Source\): VALIDATE_INPUTS failed with ZeroDivisionError") as info:
+        run_workflow(_write(tmp_path, _prompt("Checked", value=0)), tmp_path)
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    assert Checked.ran == []
+
+
+@pytest.mark.parametrize("prefix, problem", [
+    ("../escape", "has a '..' component"),
+    ("spacetime/../../escape", "has a '..' component"),
+    ("/tmp/abs", "is an absolute path"),
+    ("", "is empty"),
+    ("  ", "is empty"),
+    (".", "names no file or folder"),
+    ("a\x00b", "contains a NUL character"),
+    ("C:/video", "is a Windows path (a backslash or a drive letter)"),
+    ("video\\t2v", "is a Windows path (a backslash or a drive letter)"),
+    ("x" * 300, "has a part longer than 243 bytes (too long for a file name)"),
+])
+def test_filename_prefix_is_refused_before_anything_runs(tmp_path, monkeypatch, prefix, problem):
+    monkeypatch.setattr(runner, "_call_over_lists", lambda *a: pytest.fail("a node ran before validation ended"))
+    data = copy.deepcopy(T2V)
+    _node(data, 10)["widgets_values"][0] = prefix
+    with pytest.raises(WorkflowError, match=rf"^node 10 \('SaveVideo', SaveVideo\): filename_prefix=.* {re.escape(problem)}; allowed: a name inside the output folder"):
+        run_workflow(_write(tmp_path, data), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("node_class", [CreateVideo, SaveAnimatedWEBP])
+def test_fps_must_be_finite_and_positive(node_class):
+    for fps in (float("nan"), float("inf"), 0.0, -8.0):
+        assert node_class.VALIDATE_INPUTS(fps=fps) == f"fps={fps} is not allowed; allowed: a finite number of frames per second above 0"
+    assert node_class.VALIDATE_INPUTS(fps=8.0) is True and node_class.VALIDATE_INPUTS() is True  # linked: checked when it runs
+
+
+def test_save_time_guard_refuses_a_link_out_of_the_output_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=r"filename_prefix='link/clip' points outside the output folder"):
+        next_output_path(tmp_path / "out", "link/clip", "mp4")
+    with pytest.raises(ValueError, match=r"filename_prefix='\.' names no file or folder"):
+        next_output_path(tmp_path / "out", ".", "mp4")  # once let through: it named the output folder itself
+    assert next_output_path(tmp_path / "out", "a/clip", "mp4") == tmp_path / "out" / "a" / "clip_00001_.mp4"
