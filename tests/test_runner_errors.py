@@ -325,3 +325,13 @@ def test_save_time_guard_refuses_a_link_out_of_the_output_folder(tmp_path):
     with pytest.raises(ValueError, match=r"filename_prefix='\.' names no file or folder"):
         next_output_path(tmp_path / "out", ".", "mp4")  # once let through: it named the output folder itself
     assert next_output_path(tmp_path / "out", "a/clip", "mp4") == tmp_path / "out" / "a" / "clip_00001_.mp4"
+
+
+def test_any_node_exception_is_one_line_and_keeps_its_cause(tmp_path, toy_nodes, capsys):
+    with pytest.raises(WorkflowError, match=r"^node 1 \('Source', Source\): unexpected KeyError: 'seven'$") as info:
+        run_workflow(_write(tmp_path, _prompt("Checked", value=7)), tmp_path)
+    assert isinstance(info.value.__cause__, KeyError)  # a bug stays visible to whoever calls run_workflow
+    assert main([str(_write(tmp_path, _prompt("Checked", value=7))), "--output-dir", str(tmp_path)]) == 1
+    assert _one_error_line(capsys) == "error: node 1 ('Source', Source): unexpected KeyError: 'seven'"
+    assert main([str(_write(tmp_path, _prompt("Checked", value=8))), "--output-dir", str(tmp_path)]) == 1
+    assert _one_error_line(capsys) == "error: node 1 ('Source', Source): the Hub said no; run the node again"  # a user's error
