@@ -290,6 +290,8 @@ def _check_value(call: NodeCall, name: str, input_type, options: dict, value) ->
         raise WorkflowError(f"{call.where(name)}: expects a connection of type {input_type}, got the value {_short(value)}")
     if not isinstance(value, expected) or (input_type in ("INT", "FLOAT") and isinstance(value, bool)):
         raise WorkflowError(f"{call.where(name)}: expects {input_type}, got {_short(value)}")
+    if input_type == "STRING":
+        _check_text(call, name, value)
     if input_type not in ("INT", "FLOAT"):
         return
     low, high = options.get("min"), options.get("max")
@@ -297,6 +299,18 @@ def _check_value(call: NodeCall, name: str, input_type, options: dict, value) ->
         raise WorkflowError(f"{call.where(name)}: {value} is not a finite number; allowed: {low} to {high}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise WorkflowError(f"{call.where(name)}: {value} is out of range; allowed: {low} to {high}")
+
+
+def _check_text(call: NodeCall, name: str, value: str) -> None:
+    """JSON can spell half of a UTF-16 surrogate pair ("\\ud800"), which is no text: tokenizers and file
+    systems fail on it deep inside a node, so it is refused here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise WorkflowError(
+            f"{call.where(name)}: not valid text: {value[exc.start]!r} at index {exc.start} is half of a surrogate pair; "
+            "allowed: any Unicode text"
+        ) from exc
 
 
 def _custom_validation(call: NodeCall, node_class, calls: dict[str, NodeCall], node_types: dict) -> None:

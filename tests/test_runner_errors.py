@@ -94,7 +94,7 @@ def test_api_format_runs(tmp_path, models_dir):
 def _one_error_line(capsys) -> str:
     """What main() wrote to stderr for a refused workflow: exactly one line, 'error: ...', no traceback."""
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if not line.startswith("\r")]  # "\r...": progress bars
+    lines = [line for line in err.split("\n") if line and not line.startswith("\r")]  # "\r...": progress bars
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     return lines[0]
 
@@ -204,6 +204,13 @@ def test_float_values_must_be_finite(tmp_path, value):
     data = copy.deepcopy(T2V)
     _node(data, 7)["widgets_values"][3] = value  # cfg; json writes NaN / Infinity, which json reads back
     with pytest.raises(WorkflowError, match=rf"node 7 .*input 'cfg': {value} is not a finite number; allowed: 0.0 to 100.0$"):
+        run_workflow(_write(tmp_path, data), tmp_path)
+
+
+def test_text_must_be_valid_unicode(tmp_path):
+    data = copy.deepcopy(T2V)
+    _node(data, 4)["widgets_values"][0] = "a red circle \ud800"  # valid JSON ("\\ud800"), but no text
+    with pytest.raises(WorkflowError, match=r"node 4 .*input 'text': not valid text: '\\ud800' at index 13 is half of a surrogate pair"):
         run_workflow(_write(tmp_path, data), tmp_path)
 
 
