@@ -3,14 +3,28 @@ implemented for the headless runner with the same node ids, inputs and widget or
 one workflow file runs in both. (Inside ComfyUI these are never registered: ComfyUI's own run.)"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .video_io import next_output_path, write_mp4, write_webp
+from .video_io import check_filename_prefix, next_output_path, write_mp4, write_webp
 
 WEBP_METHODS = {"default": 4, "fastest": 0, "slowest": 6}
+
+
+def video_inputs_problem(filename_prefix: str | None = None, fps: float | None = None) -> bool | str:
+    """VALIDATE_INPUTS of Create Video and the save nodes, before anything runs: True, or what is wrong. None is an
+    input that is linked (known only when the node runs) or that the node does not have."""
+    if filename_prefix is not None:
+        try:
+            check_filename_prefix(filename_prefix)
+        except ValueError as exc:
+            return str(exc)
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        return f"fps={fps} is not allowed; allowed: a finite number of frames per second above 0"
+    return True
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,6 +54,10 @@ class SaveAnimatedWEBP:
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None, fps=None):
+        return video_inputs_problem(filename_prefix, fps)
+
     def save_images(self, images, filename_prefix, fps, lossless, quality, method, output_dir: Path):
         path = write_webp(images, next_output_path(output_dir, filename_prefix, "webp"), fps, lossless, quality, WEBP_METHODS[method])
         return {"ui": {"files": [str(path)]}}
@@ -59,6 +77,10 @@ class CreateVideo:
             },
             "optional": {"audio": ("AUDIO",)},
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, fps=None):
+        return video_inputs_problem(fps=fps)
 
     def create(self, images, fps, audio=None):
         if audio is not None:
@@ -82,6 +104,10 @@ class SaveVideo:
                 "codec": (["auto", "h264"], {"default": "auto"}),
             }
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        return video_inputs_problem(filename_prefix)
 
     def save_video(self, video, filename_prefix, format, codec, output_dir: Path):
         path = write_mp4(video.images, next_output_path(output_dir, filename_prefix, "mp4"), video.fps)

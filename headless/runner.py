@@ -6,11 +6,22 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..model_defs.hub import HubDownloadError
 from ..nodes import NODE_CLASS_MAPPINGS
 from .native_nodes import NATIVE_NODE_CLASS_MAPPINGS
 from .workflow import Link, NodeCall, WorkflowError, load_workflow, validate
 
 NODE_TYPES = {**NODE_CLASS_MAPPINGS, **NATIVE_NODE_CLASS_MAPPINGS}
+# what our nodes raise for a user's mistake (a bad value, a missing or unreadable file, a failed download):
+# reported as it is; anything else is named by its type, as the bug it most likely is
+USER_ERRORS = (ValueError, OSError, HubDownloadError)
+
+
+def node_error(call: NodeCall, exc: Exception) -> WorkflowError:
+    """The one-line error for an exception raised while ``call`` ran (the caller chains ``exc`` as its cause)."""
+    if isinstance(exc, USER_ERRORS):
+        return WorkflowError(f"{call.where()}: {exc}")
+    return WorkflowError(f"{call.where()}: unexpected {type(exc).__name__}: {exc}")
 
 
 def execution_order(calls: dict[str, NodeCall]) -> list[str]:
@@ -83,8 +94,8 @@ def run_workflow(path: str | Path, output_dir: str | Path) -> list[Path]:
             extra["output_dir"] = output_dir
         try:
             results[node_id], files = _call_over_lists(node_class, inputs, extra)
-        except (ValueError, FileNotFoundError) as exc:
-            raise WorkflowError(f"{call.where()}: {exc}") from exc
+        except Exception as exc:  # one line for the user; run_workflow's callers still get the traceback as __cause__
+            raise node_error(call, exc) from exc
         written.extend(files)
     return written
 
@@ -96,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         files = run_workflow(args.workflow, args.output_dir)
-    except WorkflowError as exc:
+    except WorkflowError as exc:  # one line, never a traceback: the message names the node and the input
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for path in files:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..model_defs.hub import relative_path_problem
+
 
 def frames_to_uint8(images: torch.Tensor) -> np.ndarray:
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -67,10 +69,31 @@ def write_webp(images: torch.Tensor, path: Path, fps: float, lossless: bool = Tr
     return path
 
 
+# the longest file name most file systems take (NAME_MAX, in bytes), and what numbering adds to the prefix's last part
+NAME_MAX = 255
+NUMBERING = len("_00001_.webp")
+PREFIX_ALLOWED = "a name inside the output folder, '/' between sub-folders, e.g. 'spacetime/t2v'"
+
+
+def check_filename_prefix(filename_prefix: str) -> None:
+    """A save node's ``filename_prefix`` must name a file inside the output folder, whichever folder that is:
+    the shared path rule (relative, no '..', no Windows form, no NUL, not empty), and parts short enough
+    to be file names once numbered. A one-line ValueError says what is wrong and what is allowed."""
+    problem = relative_path_problem(filename_prefix)
+    if problem is None and any(len(part.encode()) > NAME_MAX - NUMBERING for part in filename_prefix.split("/")):
+        problem = f"has a part longer than {NAME_MAX - NUMBERING} bytes (too long for a file name)"
+    if problem is not None:
+        shown = repr(filename_prefix) if len(filename_prefix) <= 80 else f"{filename_prefix[:60]!r}... ({len(filename_prefix)} characters)"
+        raise ValueError(f"filename_prefix={shown} {problem}; allowed: {PREFIX_ALLOWED}")
+
+
 def next_output_path(output_dir: Path, filename_prefix: str, extension: str) -> Path:
-    """ComfyUI-style ``<prefix>_00001_.<ext>`` numbering; the prefix may contain sub-folders."""
+    """ComfyUI-style ``<prefix>_00001_.<ext>`` numbering; the prefix may contain sub-folders. The prefix was
+    checked before the run (the save nodes' VALIDATE_INPUTS); it is checked again here, and the target
+    resolved against the output folder, so a link inside it that points out cannot be written through."""
+    check_filename_prefix(filename_prefix)
     target = (output_dir / filename_prefix).resolve()
-    if output_dir.resolve() not in target.parents and target != output_dir.resolve():
+    if output_dir.resolve() not in target.parents:
         raise ValueError(f"filename_prefix={filename_prefix!r} points outside the output folder {output_dir}")
     folder, stem = target.parent, target.name
     folder.mkdir(parents=True, exist_ok=True)

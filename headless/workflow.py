@@ -1,18 +1,34 @@
 """Reading a ComfyUI workflow (UI format as saved from the editor, or API format) into one graph of
-``NodeCall``s, and checking it against the node classes before anything runs."""
+``NodeCall``s, and checking it against the node classes before anything runs.
+
+Every problem is a one-line ``WorkflowError`` naming the node (id, title, type) and the input, or the
+file where no node can be named (not UTF-8, not JSON, a malformed entry of 'nodes' or 'links')."""
 from __future__ import annotations
 
+import inspect
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 IGNORED_UI_TYPES = ("Note", "MarkdownNote")
 UI_MODE_MUTED, UI_MODE_BYPASS = 2, 4
+UI_LINK_FIELDS = ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")  # a link as a list, in order
+UI_LINK_SHAPE = "[link id, origin node id, origin slot, target node id, target slot, type]"
+API_LINK_SHAPE = "[node id, output slot], e.g. [\"4\", 0]"
+
+
+def one_line(text) -> str:
+    """``text`` with its line breaks (and the blanks around them) folded into single spaces."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
 class WorkflowError(ValueError):
-    """A workflow that cannot run; the message names the node id, title and input."""
+    """A workflow that cannot run; the message, one line, names the node id, title and input."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,27 @@ class NodeCall:
     def where(self, input_name: str | None = None) -> str:
         text = f"node {self.node_id} ({self.title!r}, {self.class_type})"
         return f"{text}, input {input_name!r}" if input_name else text
+
+
+class _JsonObject(dict):
+    """A JSON object that remembers the keys given twice (``json`` silently keeps the last one), so two
+    API-format nodes with one id, or one input given twice, are reported instead of one being dropped."""
+
+    duplicate_keys: tuple = ()
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple]) -> "_JsonObject":
+        obj = cls(pairs)
+        if len(obj) < len(pairs):
+            keys = [key for key, _ in pairs]
+            obj.duplicate_keys = tuple(key for index, key in enumerate(keys) if key in keys[:index])
+        return obj
+
+
+def _short(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message stays one readable line whatever the file holds."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-2:]}"
 
 
 def input_specs(node_class) -> dict[str, tuple]:
@@ -56,71 +93,180 @@ def _has_control_after_generate(name: str, input_type, options: dict) -> bool:
     return input_type == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed"))
 
 
+def widget_positions(node_class) -> dict[str, int]:
+    """name -> index in a UI-format node's ``widgets_values`` list, for every widget input of the class.
+    A widget converted to an input keeps its place (the editor still stores its value), and a seed widget
+    is followed by its control value, which belongs to no input."""
+    positions, position = {}, 0
+    for name, (input_type, options) in input_specs(node_class).items():
+        if is_widget(input_type):
+            positions[name] = position
+            position += 1 + _has_control_after_generate(name, input_type, options)
+    return positions
+
+
+def _is_node_id(value) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value != "")
+
+
+def _is_slot(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def load_workflow(path: str | Path, node_types: dict) -> dict[str, NodeCall]:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        # utf-8-sig: a byte-order mark, as some Windows editors write, is not an error
+        data = json.loads(Path(path).read_bytes().decode("utf-8-sig"), object_pairs_hook=_JsonObject.from_pairs)
+    except UnicodeDecodeError as exc:
+        raise WorkflowError(
+            f"cannot read workflow {path}: it is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "a workflow is a JSON file as ComfyUI saves it"
+        ) from exc
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON; RecursionError: absurdly nested
         raise WorkflowError(f"cannot read workflow {path}: {exc}") from exc
     if isinstance(data, dict) and isinstance(data.get("nodes"), list):
-        return _from_ui(data, node_types)
-    if isinstance(data, dict) and data and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+        return _from_ui(data, node_types, path)
+    if isinstance(data, dict) and any(isinstance(v, dict) and "class_type" in v for v in data.values()):
         return _from_api(data)
     raise WorkflowError(f"{path} is neither a UI-format workflow (with 'nodes' and 'links') nor an API-format prompt")
 
 
 def _from_api(data: dict) -> dict[str, NodeCall]:
+    duplicates = getattr(data, "duplicate_keys", ())
+    if duplicates:
+        raise WorkflowError(f"node {duplicates[0]}: two nodes have the id {duplicates[0]!r}; node ids must be unique")
     calls = {}
     for node_id, node in data.items():
-        title = node.get("_meta", {}).get("title", node["class_type"])
-        inputs = {}
-        for name, value in node.get("inputs", {}).items():
-            is_link = isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
-            inputs[name] = Link(str(value[0]), value[1]) if is_link else value
-        calls[str(node_id)] = NodeCall(str(node_id), node["class_type"], title, inputs)
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) or not node["class_type"]:
+            raise WorkflowError(f"node {node_id}: not a node; an API-format node is an object with a 'class_type' string and 'inputs'")
+        meta = node.get("_meta")
+        title = meta.get("title") if isinstance(meta, dict) else None
+        call = NodeCall(node_id, node["class_type"], title if isinstance(title, str) and title else node["class_type"])
+        inputs = node.get("inputs", {})
+        if not isinstance(inputs, dict):
+            raise WorkflowError(f"{call.where()}: 'inputs' must be an object of input name: value or link {API_LINK_SHAPE}")
+        duplicates = getattr(inputs, "duplicate_keys", ())
+        if duplicates:
+            raise WorkflowError(f"{call.where(duplicates[0])}: given twice in 'inputs'; each input once")
+        for name, value in inputs.items():
+            if isinstance(value, list):  # no input of ours takes a list value: a list is a link
+                if len(value) != 2 or not _is_node_id(value[0]) or not _is_slot(value[1]):
+                    raise WorkflowError(f"{call.where(name)}: bad link {_short(value)}; a link is {API_LINK_SHAPE}")
+                value = Link(str(value[0]), value[1])
+            call.inputs[name] = value
+        calls[str(node_id)] = call
     return calls
 
 
-def _from_ui(data: dict, node_types: dict) -> dict[str, NodeCall]:
-    links = {entry[0]: entry for entry in data.get("links", []) if entry}  # id -> [id, src, slot, dst, dst_slot, type]
-    nodes = {str(n["id"]): n for n in data["nodes"]}
+def _ui_nodes(entries: list, path) -> dict[str, dict]:
+    """id -> node of a UI workflow's 'nodes', each with a valid, unique id and a type."""
+    nodes: dict[str, dict] = {}
+    for index, node in enumerate(entries):
+        if not isinstance(node, dict):
+            raise WorkflowError(f"{path}: nodes[{index}] is {_short(node)}, not a node object")
+        node_id, node_type = node.get("id"), node.get("type")
+        if not _is_node_id(node_id):
+            raise WorkflowError(f"{path}: nodes[{index}] (type {_short(node_type)}) has no valid 'id' (a number), got {_short(node_id)}")
+        if not isinstance(node_type, str) or not node_type:
+            raise WorkflowError(f"node {node_id}: has no 'type' (the node class, e.g. 'SpacetimeSampler'), got {_short(node_type)}")
+        other = nodes.get(str(node_id))
+        if other is not None:
+            raise WorkflowError(
+                f"node {node_id} ({node_type}): two nodes have the id {node_id} (the other is a {other['type']}); node ids must be unique"
+            )
+        nodes[str(node_id)] = node
+    return nodes
 
-    def source_of(link_id) -> Link:
-        _, src, slot, *_ = links[link_id]
-        src_node = nodes[str(src)]
-        if src_node.get("type") == "Reroute":  # follow reroutes back to the real output
-            upstream = src_node.get("inputs", [{}])[0].get("link")
-            if upstream is None:
-                raise WorkflowError(f"node {src} (Reroute) has no input connected")
-            return source_of(upstream)
-        return Link(str(src), slot)
+
+def _ui_links(entries, path) -> dict:
+    """link id -> entry of a UI workflow's 'links' (a list, or an object in newer editors), unchecked beyond
+    its id: a malformed entry is reported by the input that uses it, naming that node."""
+    if entries is None:
+        return {}
+    if not isinstance(entries, list):
+        raise WorkflowError(f"{path}: 'links' must be a list of {UI_LINK_SHAPE}, got {type(entries).__name__}")
+    links: dict = {}
+    for index, entry in enumerate(entries):
+        if entry is None:  # older editors leave null in place of a deleted link
+            continue
+        if isinstance(entry, dict):
+            entry = [entry.get(key) for key in UI_LINK_FIELDS]
+        link_id = entry[0] if isinstance(entry, list) and entry else None
+        if not isinstance(link_id, int) or isinstance(link_id, bool):
+            raise WorkflowError(f"{path}: links[{index}] is {_short(entry)}; a link is {UI_LINK_SHAPE}")
+        if links.get(link_id, entry) != entry:
+            raise WorkflowError(f"{path}: link {link_id} is given twice in 'links', with different ends; link ids must be unique")
+        links[link_id] = entry
+    return links
+
+
+def _linked_inputs(node: dict, call: NodeCall) -> dict:
+    """input name -> link id (or None) of a UI node's 'inputs' list."""
+    entries = node.get("inputs") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries):
+        raise WorkflowError(f"{call.where()}: 'inputs' must be a list of {{\"name\": ..., \"link\": link id or null}}, got {_short(entries)}")
+    linked = {entry["name"]: entry.get("link") for entry in entries}
+    for name, link_id in linked.items():
+        if link_id is not None and (not isinstance(link_id, int) or isinstance(link_id, bool)):
+            raise WorkflowError(f"{call.where(name)}: 'link' must be a link id (a number) or null, got {_short(link_id)}")
+    return linked
+
+
+def _ui_call(node: dict) -> NodeCall:
+    title = node.get("title")
+    return NodeCall(str(node["id"]), node["type"], title if isinstance(title, str) and title else node["type"])
+
+
+def _from_ui(data: dict, node_types: dict, path) -> dict[str, NodeCall]:
+    nodes = _ui_nodes(data["nodes"], path)
+    links = _ui_links(data.get("links", []), path)
+
+    def source_of(link_id: int, call: NodeCall, name: str, through: tuple = ()) -> Link:
+        """Where the link into ``call``'s input ``name`` comes from, following reroutes back to a real output."""
+        entry = links.get(link_id)
+        if entry is None:
+            raise WorkflowError(f"{call.where(name)}: connected by link {link_id}, which is not in the workflow's 'links'")
+        if len(entry) < 5 or not _is_node_id(entry[1]) or not _is_slot(entry[2]):
+            raise WorkflowError(f"{call.where(name)}: link {link_id} in 'links' is malformed: {_short(entry)}; a link is {UI_LINK_SHAPE}")
+        src, slot = entry[1], entry[2]
+        src_node = nodes.get(str(src))
+        if src_node is None:
+            raise WorkflowError(f"{call.where(name)}: link {link_id} comes from node {src}, which is not in the workflow")
+        if src_node["type"] != "Reroute":
+            return Link(str(src), slot)
+        if link_id in through:
+            raise WorkflowError(f"{call.where(name)}: link {link_id} goes round a loop of reroutes")
+        upstream = next(iter(_linked_inputs(src_node, _ui_call(src_node)).values()), None)
+        if upstream is None:
+            raise WorkflowError(f"{call.where(name)}: connected through node {src} (Reroute), which has no input connected")
+        return source_of(upstream, call, name, (*through, link_id))
 
     calls = {}
     for node_id, node in nodes.items():
-        node_type = node.get("type")
+        node_type = node["type"]
         if node_type in IGNORED_UI_TYPES or node_type == "Reroute" or node.get("mode") in (UI_MODE_MUTED, UI_MODE_BYPASS):
             continue
-        call = NodeCall(node_id, node_type, node.get("title") or node_type)
-        if node_type not in node_types:
-            calls[node_id] = call  # reported by validate() with the list of known types
-            continue
-        linked = {inp["name"]: inp.get("link") for inp in node.get("inputs", [])}
-        values = node.get("widgets_values", [])
-        position = 0
-        for name, (input_type, options) in input_specs(node_types[node_type]).items():
-            if linked.get(name) is not None:
-                call.inputs[name] = source_of(linked[name])
-                if is_widget(input_type) and not isinstance(values, dict):
-                    position += 1 + _has_control_after_generate(name, input_type, options)
-                continue
-            if not is_widget(input_type):
-                continue
-            if isinstance(values, dict):
-                if name in values:
-                    call.inputs[name] = values[name]
-            elif position < len(values):
-                call.inputs[name] = values[position]
-                position += 1 + _has_control_after_generate(name, input_type, options)
+        call = _ui_call(node)
         calls[node_id] = call
+        if node_type not in node_types:
+            continue  # reported by validate() with the list of known types
+        linked = _linked_inputs(node, call)
+        values = node.get("widgets_values")
+        values = [] if values is None else values
+        if not isinstance(values, (list, dict)):
+            raise WorkflowError(f"{call.where()}: 'widgets_values' must be a list of widget values, got {_short(values)}")
+        positions = widget_positions(node_types[node_type])
+        specs = input_specs(node_types[node_type])
+        for name in specs:
+            if linked.get(name) is not None:
+                call.inputs[name] = source_of(linked[name], call, name)
+            elif name in positions and isinstance(values, dict) and name in values:
+                call.inputs[name] = values[name]
+            elif name in positions and isinstance(values, list) and positions[name] < len(values):
+                call.inputs[name] = values[positions[name]]
+        for name, link_id in linked.items():  # a connection to an input the class does not have: validate() names it
+            if name not in specs and link_id is not None:
+                call.inputs[name] = source_of(link_id, call, name)
     return calls
 
 
@@ -137,23 +283,69 @@ def output_type(calls: dict[str, NodeCall], node_types: dict, link: Link, consum
 def _check_value(call: NodeCall, name: str, input_type, options: dict, value) -> None:
     if isinstance(input_type, (list, tuple)):
         if value not in input_type:
-            raise WorkflowError(f"{call.where(name)}: value {value!r} is not allowed; allowed values: {list(input_type)}")
+            raise WorkflowError(f"{call.where(name)}: value {_short(value)} is not allowed; allowed values: {list(input_type)}")
         return
     expected = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}.get(input_type)
     if expected is None:
-        raise WorkflowError(f"{call.where(name)}: expects a connection of type {input_type}, got the value {value!r}")
+        raise WorkflowError(f"{call.where(name)}: expects a connection of type {input_type}, got the value {_short(value)}")
     if not isinstance(value, expected) or (input_type in ("INT", "FLOAT") and isinstance(value, bool)):
-        raise WorkflowError(f"{call.where(name)}: expects {input_type}, got {value!r}")
+        raise WorkflowError(f"{call.where(name)}: expects {input_type}, got {_short(value)}")
+    if input_type == "STRING":
+        _check_text(call, name, value)
+    if input_type not in ("INT", "FLOAT"):
+        return
     low, high = options.get("min"), options.get("max")
-    if input_type in ("INT", "FLOAT") and ((low is not None and value < low) or (high is not None and value > high)):
+    if isinstance(value, float) and not math.isfinite(value):  # NaN compares False with every bound, so it would pass the range check below
+        raise WorkflowError(f"{call.where(name)}: {value} is not a finite number; allowed: {low} to {high}")
+    if (low is not None and value < low) or (high is not None and value > high):
         raise WorkflowError(f"{call.where(name)}: {value} is out of range; allowed: {low} to {high}")
 
 
+def _check_text(call: NodeCall, name: str, value: str) -> None:
+    """JSON can spell half of a UTF-16 surrogate pair ("\\ud800"), which is no text: tokenizers and file
+    systems fail on it deep inside a node, so it is refused here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise WorkflowError(
+            f"{call.where(name)}: not valid text: {value[exc.start]!r} at index {exc.start} is half of a surrogate pair; "
+            "allowed: any Unicode text"
+        ) from exc
+
+
+def _custom_validation(call: NodeCall, node_class, calls: dict[str, NodeCall], node_types: dict) -> None:
+    """A node's own ``VALIDATE_INPUTS``, called as ComfyUI calls it (execution.py, validate_inputs): with the
+    inputs its signature names, or all of them when it takes ``**kwargs``; a linked input's value is not known
+    before the run, so it comes as None; ``input_types`` (if named) gets the type each link delivers. It returns
+    True, or what is wrong (a string), which becomes this node's error."""
+    check = getattr(node_class, "VALIDATE_INPUTS", None)
+    if check is None:
+        return
+    argspec = inspect.getfullargspec(check)
+    values = {name: None if isinstance(value, Link) else value for name, value in call.inputs.items()}
+    kwargs = {name: value for name, value in values.items() if argspec.varkw is not None or name in argspec.args}
+    if getattr(node_class, "INPUT_IS_LIST", False):
+        kwargs = {name: [value] for name, value in kwargs.items()}
+    if "input_types" in argspec.args:
+        kwargs["input_types"] = {
+            name: output_type(calls, node_types, link, call, name) for name, link in call.inputs.items() if isinstance(link, Link)
+        }
+    try:
+        verdict = check(**kwargs)
+    except Exception as exc:  # a broken check is the node's bug; still one line, with the cause kept
+        raise WorkflowError(f"{call.where()}: VALIDATE_INPUTS failed with {type(exc).__name__}: {exc}") from exc
+    if verdict is not True:
+        reason = verdict if isinstance(verdict, str) and verdict else f"inputs refused by the node's check ({sorted(kwargs)})"
+        raise WorkflowError(f"{call.where()}: {reason}")
+
+
 def validate(calls: dict[str, NodeCall], node_types: dict) -> None:
+    """Every check that needs no work done: node types, input names, required inputs, link types, literal
+    values (type, finite, range, allowed values), then each node's own VALIDATE_INPUTS."""
     for call in calls.values():
         if call.class_type not in node_types:
             raise WorkflowError(
-                f"{call.where()}: unknown node type {call.class_type!r}; this runner knows {sorted(node_types)}"
+                f"{call.where()}: unknown node type {_short(call.class_type)}; this runner knows {sorted(node_types)}"
             )
     for call in calls.values():
         node_class = node_types[call.class_type]
@@ -172,3 +364,5 @@ def validate(calls: dict[str, NodeCall], node_types: dict) -> None:
                     raise WorkflowError(f"{call.where(name)}: type mismatch: expects {input_type}, connected to {got}")
             else:
                 _check_value(call, name, input_type, options, value)
+    for call in calls.values():
+        _custom_validation(call, node_types[call.class_type], calls, node_types)

@@ -13,7 +13,7 @@ import os
 import re
 import urllib.error
 import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".tiktoken")
@@ -22,6 +22,9 @@ STAGING = ".spacetime-download"
 RETRIES = 3
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+FILENAME_ALLOWED = "a path inside the repository, '/' between folders, e.g. 'split_files/vae/wan_2.1_vae.safetensors'"
+SUBFOLDER_ALLOWED = "empty, or a relative folder inside the models folder, '/' between folders, no '..', e.g. 'umt5-xxl'"
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -34,19 +37,69 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def validate_request(repo_id: str, filename: str) -> None:
-    if not _REPO_ID.match(repo_id or ""):
+def relative_path_problem(text: str) -> str | None:
+    """Why ``text`` is not a plain relative path that stays inside the folder it is joined to, or None.
+    The one path rule for names users type (a download's sub-folder and file, a save node's prefix):
+    '/'-separated, not absolute, no '..' component, no Windows form (backslash, drive letter), no NUL,
+    not empty. It needs no folder, so it runs before any work; joining still resolves and compares."""
+    if not text.strip():
+        return "is empty"
+    if "\x00" in text:
+        return "contains a NUL character"
+    if "\\" in text or _DRIVE.match(text):
+        return "is a Windows path (a backslash or a drive letter)"
+    if text.startswith("/"):
+        return "is an absolute path"
+    if ".." in text.split("/"):
+        return "has a '..' component"
+    if not PurePosixPath(text).parts:
+        return "names no file or folder"
+    return None
+
+
+def checked_relative_path(value: str, input_name: str, allowed: str) -> str:
+    """``value`` stripped of surrounding blanks and checked by ``relative_path_problem``, as a normal
+    '/'-separated path; otherwise a one-line ValueError naming ``input_name`` and what is ``allowed``."""
+    if not isinstance(value, str):
+        raise ValueError(f"{input_name}={value!r} is not text; allowed: {allowed}")
+    problem = relative_path_problem(value.strip())
+    if problem is not None:
+        raise ValueError(f"{input_name}={value!r} {problem}; allowed: {allowed}")
+    return str(PurePosixPath(value.strip()))
+
+
+def validate_request(repo_id: str | None, filename: str | None, subfolder: str | None = "") -> tuple[str | None, str]:
+    """Check a download request before any network access; returns (filename, subfolder) normalised (blanks
+    around them stripped, '' for no sub-folder). None stands for an input not known yet (linked, at validation)."""
+    if repo_id is not None and not _REPO_ID.match(repo_id if isinstance(repo_id, str) else ""):
         raise ValueError(f"repo_id={repo_id!r} is not a Hub repository id; expected 'owner/name', e.g. 'Comfy-Org/Wan_2.1_ComfyUI_repackaged'")
-    parts = Path(filename or "").parts
-    if not parts or ".." in parts or filename.startswith("/"):
-        raise ValueError(f"filename={filename!r} must be a path inside the repository, e.g. 'split_files/vae/wan_2.1_vae.safetensors'")
-    suffix = Path(filename).suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
+    if filename is not None:
+        filename = checked_relative_path(filename, "filename", FILENAME_ALLOWED)
+        suffix = PurePosixPath(filename).suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            raise ValueError(
+                f"filename={filename!r} is a pickle-based file, which this pack never loads; pick the .safetensors file of the same model"
+            )
+        if suffix not in ALLOWED_SUFFIXES:
+            raise ValueError(f"filename={filename!r}: allowed file types are {list(ALLOWED_SUFFIXES)}")
+    if subfolder is None or (isinstance(subfolder, str) and not subfolder.strip()):
+        return filename, ""  # blank: no sub-folder, the models folder itself
+    return filename, checked_relative_path(subfolder, "subfolder", SUBFOLDER_ALLOWED)
+
+
+def download_target(models_folder: str | Path, subfolder: str, filename: str) -> Path:
+    """Where ``filename`` (checked by ``validate_request``) lands: ``models_folder/subfolder/<its base name>``.
+    The folder it lands in must resolve inside ``models_folder``, so a sub-folder that is a link pointing out
+    of it is refused too. (The file's own name may be a link, as users link big models in: a download
+    replaces that entry, never writes through it.)"""
+    root = Path(models_folder).resolve()
+    folder = Path(models_folder) / subfolder
+    if folder.resolve() != root and root not in folder.resolve().parents:
         raise ValueError(
-            f"filename={filename!r} is a pickle-based file, which this pack never loads; pick the .safetensors file of the same model"
+            f"subfolder={subfolder!r} leads outside the models folder {root} (through a link, to {folder.resolve()}); "
+            f"allowed: {SUBFOLDER_ALLOWED}"
         )
-    if suffix not in ALLOWED_SUFFIXES:
-        raise ValueError(f"filename={filename!r}: allowed file types are {list(ALLOWED_SUFFIXES)}")
+    return folder / PurePosixPath(filename).name
 
 
 def _sha256(path: Path) -> str:
@@ -77,19 +130,21 @@ def _fetch(url: str, headers: dict[str, str], part: Path, total: int | None, on_
 def download_file(
     repo_id: str,
     filename: str,
-    target_dir: str | Path,
+    models_folder: str | Path,
     revision: str = "main",
     on_progress: ProgressCallback | None = None,
+    subfolder: str = "",
 ) -> Path:
-    """Fetch ``filename`` of ``repo_id`` into ``target_dir/<basename>``; returns the final path.
-    An already complete file (same size and hash as on the Hub) is not downloaded again; a partial one
-    left by a failed run is continued where it stopped."""
-    validate_request(repo_id, filename)
+    """Fetch ``filename`` of ``repo_id`` into ``models_folder/subfolder/<basename>``; returns the final path.
+    Everything is checked (``validate_request``, ``download_target``) before any network access. An already
+    complete file (same size and hash as on the Hub) is not downloaded again; a partial one left by a failed
+    run is continued where it stopped."""
+    filename, subfolder = validate_request(repo_id, filename, subfolder)
+    final = download_target(models_folder, subfolder, filename)
+    target_dir = final.parent
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
-    target_dir = Path(target_dir)
-    final = target_dir / Path(filename).name
     endpoint = os.environ.get("HF_ENDPOINT") or None
     token = os.environ.get("HF_TOKEN") or None
     if _env_flag("HF_HUB_OFFLINE"):

@@ -1,9 +1,7 @@
 """Hub download node: repo id + file -> the right ComfyUI models folder (the only node that uses the network)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from ..model_defs.hub import download_file
+from ..model_defs.hub import download_file, validate_request
 from . import comfy_glue
 
 FOLDERS = ["diffusion_models", "vae", "text_encoders"]
@@ -34,6 +32,15 @@ class SpacetimeHubDownload:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, repo_id=None, filename=None, subfolder=None):
+        """Before anything runs (ComfyUI calls it with these inputs; None when linked, known only later)."""
+        try:
+            validate_request(repo_id, filename, subfolder)
+        except ValueError as exc:
+            return str(exc)
+        return True
+
     def download(self, repo_id: str, filename: str, folder: str, revision: str = "main", subfolder: str = ""):
         if folder not in FOLDERS:
             raise ValueError(f"folder={folder!r} is not allowed; allowed values: {FOLDERS}")
@@ -45,10 +52,5 @@ class SpacetimeHubDownload:
                 progress = progress or comfy_glue.Progress(total, f"downloading {filename}")
                 progress.update(done)
 
-        target = comfy_glue.download_folder(folder)
-        if subfolder.strip():
-            if ".." in Path(subfolder).parts or Path(subfolder).is_absolute():
-                raise ValueError(f"subfolder={subfolder!r} must be a relative folder inside {folder}, without '..'")
-            target = target / subfolder.strip()
-        path = download_file(repo_id, filename, target, revision or "main", on_progress)
+        path = download_file(repo_id, filename, comfy_glue.download_folder(folder), revision or "main", on_progress, subfolder)
         return {"ui": {"text": [str(path)]}, "result": (path.name,)}

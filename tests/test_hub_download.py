@@ -1,6 +1,7 @@
 """The Hub download node against a loopback server standing in for the Hub (never the internet)."""
 import hashlib
 import os
+import re
 
 import pytest
 
@@ -91,3 +92,43 @@ def test_missing_file_and_bad_requests(hub, models_dir):
         _download(filename="models_t5_umt5-xxl-enc-bf16.pth")
     with pytest.raises(ValueError, match="folder='loras' is not allowed"):
         _download(folder="loras")
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(subfolder=" ../evil"), r"^subfolder=' \.\./evil' has a '\.\.' component; allowed: empty, or a relative folder inside the models folder"),
+    (dict(subfolder="umt5/../../../evil"), r"^subfolder='umt5/\.\./\.\./\.\./evil' has a '\.\.' component"),
+    (dict(subfolder=" /abs/dir"), r"^subfolder=' /abs/dir' is an absolute path; allowed: empty, or a relative folder"),
+    (dict(subfolder="C:/models"), r"^subfolder='C:/models' is a Windows path \(a backslash or a drive letter\)"),
+    (dict(subfolder="..\\evil"), r"^subfolder='\.\.\\\\evil' is a Windows path"),
+    (dict(subfolder=" ./ "), r"^subfolder=' \./ ' names no file or folder"),
+    (dict(filename=" ../wan_2.1_vae.safetensors"), r"^filename=' \.\./wan_2\.1_vae\.safetensors' has a '\.\.' component; allowed: a path inside the repository"),
+    (dict(filename=" /etc/x.safetensors"), r"^filename=' /etc/x\.safetensors' is an absolute path"),
+    (dict(filename="split_files\\vae\\x.safetensors"), r"is a Windows path"),
+    (dict(filename="   "), r"^filename='   ' is empty; allowed: a path inside the repository"),
+])
+def test_bad_paths_are_refused_before_any_request(hub, models_dir, overrides, message):
+    before = _tree(models_dir.parent)
+    with pytest.raises(ValueError, match=message):
+        _download(**overrides)
+    assert re.search(message, SpacetimeHubDownload.VALIDATE_INPUTS(**{"repo_id": REPO, "filename": FILE, **overrides}))
+    assert not hub.requests and _tree(models_dir.parent) == before
+
+
+def test_a_subfolder_linking_out_of_the_models_folder_is_refused(hub, models_dir, tmp_path):
+    (tmp_path / "outside").mkdir()
+    (models_dir / "vae" / "linked").symlink_to(tmp_path / "outside")
+    with pytest.raises(ValueError, match=r"^subfolder='linked' leads outside the models folder .* \(through a link, to .*outside\)"):
+        _download(subfolder="linked")
+    assert not hub.requests and not list((tmp_path / "outside").iterdir())
+
+
+def test_a_good_subfolder_is_stripped_and_used(hub, models_dir):
+    out = _download(subfolder=" umt5-xxl/tokenizer ", filename=f" {FILE} ")
+    assert out["result"] == ("wan_2.1_vae.safetensors",)
+    assert (models_dir / "vae" / "umt5-xxl" / "tokenizer" / "wan_2.1_vae.safetensors").read_bytes() == CONTENT
+    assert SpacetimeHubDownload.VALIDATE_INPUTS(repo_id=REPO, filename=FILE, subfolder="umt5-xxl") is True
+    assert SpacetimeHubDownload.VALIDATE_INPUTS(repo_id=None, filename=None) is True  # linked: checked when it runs
