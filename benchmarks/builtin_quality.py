@@ -20,15 +20,14 @@ from spacetime_bootstrap import load_package  # noqa: E402
 def evaluate(prompts: int, steps: int, cfg: float, shift: float, seed: int = 0, log=print, psnr_clips: int = 16,
              width: int = 64, height: int = 64, frames: int = 17) -> dict:
     load_package()
-    import torch
 
     from comfyui_spacetime.model_defs.builtin import BUILTIN_MODEL, BUILTIN_TEXT_ENCODER, BUILTIN_VAE
     from comfyui_spacetime.nodes.loaders import SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
     from comfyui_spacetime.nodes.sampling import SpacetimeEmptyLatentVideo, SpacetimeSampler, SpacetimeTextEncode
     from comfyui_spacetime.nodes.vae import SpacetimeVAEDecode
     from comfyui_spacetime.training.detector import detect
+    from comfyui_spacetime.training.metrics import vae_psnr
     from comfyui_spacetime.training.procedural import sample_spec
-    from comfyui_spacetime.training.train_builtin import render_pool, to_video, psnr
 
     (model,) = SpacetimeModelLoader().load(BUILTIN_MODEL, "fp32", "auto")
     (vae,) = SpacetimeVAELoader().load(BUILTIN_VAE, "fp32")
@@ -45,12 +44,7 @@ def evaluate(prompts: int, steps: int, cfg: float, shift: float, seed: int = 0, 
         for key in hits:
             hits[key] += getattr(found, key) == getattr(spec, key)
         log(f"{spec.caption!r}: detected colour={found.colour} shape={found.shape} motion={found.motion}")
-    clips, _ = render_pool(psnr_clips, 424242, held_out=True)
-    video = to_video(clips)
-    with torch.inference_mode():
-        recon = [vae.vae.decode(vae.vae.encode(video[i: i + 1])) for i in range(len(video))]
-    vae_psnr = sum(psnr(r, video[i: i + 1]) for i, r in enumerate(recon)) / len(recon)
-    return {key: value / prompts for key, value in hits.items()} | {"prompts": prompts, "vae_psnr": vae_psnr}
+    return {key: value / prompts for key, value in hits.items()} | {"prompts": prompts, "vae_psnr": vae_psnr(vae.vae, 424242, psnr_clips)}
 
 
 def main() -> None:

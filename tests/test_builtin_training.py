@@ -11,9 +11,10 @@ from comfyui_spacetime.training.detector import detect
 from comfyui_spacetime.training.procedural import (
     _MOTION_PHRASES, BACKWARDS, HELD_OUT_MOTION_PHRASES, ClipSpec, recaption, render, sample_spec,
 )
-from comfyui_spacetime.training.train_builtin import (
-    DIT_SIZES, decoder_step_kinds, inflate_init, main, train_dit, train_vae,
-)
+from comfyui_spacetime.training.clips import DIT_SIZES
+from comfyui_spacetime.training.dit_stage import train_dit
+from comfyui_spacetime.training.train_builtin import main
+from comfyui_spacetime.training.vae_stages import decoder_step_kinds, inflate_init, train_vae
 
 
 def test_decoder_stage_trains_the_decoder_and_leaves_the_encoder_bit_identical():

@@ -4,19 +4,17 @@ changed, at the same noise: ``direction`` (the motion played backwards: left for
 growing for shrinking), ``motion`` (another kind: left for up, growing for still), ``shape``,
 ``colour``; ``text`` is the empty caption. A model that reads the words predicts the true clip better.
 
-Seconds on a CPU where generating and scoring videos (``benchmarks/builtin_quality.py``) takes minutes,
-and it separates what sampling blurs. On 96 clips the shipped DiT's true caption wins on 0.99 of them
-for direction (loss gap 0.079) and on all for motion (0.187); the one-run DiT of 7500 steps reads the
-kind of motion (gap 0.095, wins 1.00) but not its direction (gap 0.000, wins 0.47: a coin toss), which
-is why most of its wrong motions in ``builtin_quality.py`` are the right one played backwards.
+With no sampling it is much faster than generating and scoring videos (``benchmarks/builtin_quality.py``),
+and it separates what sampling blurs. Its results for the shipped DiT and for earlier runs are in
+BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import torch
 
 from ..model_defs.bundles import LatentFormat
+from .clips import render_pool, to_video
 from .procedural import BACKWARDS, COLOURS, SHAPES, recaption
-from .train_builtin import render_pool, to_video
 
 SIGMAS = (0.5, 0.7, 0.85, 0.95)  # where a video's layout and motion are decided
 _COLOURS = tuple(COLOURS)
