@@ -22,6 +22,10 @@ class SpacetimeTextEncode:
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        return validate_inputs(cls, values)
+
     def encode(self, text_encoder, text: str):
         with comfy_glue.on_device(text_encoder.encoder.model, "text_encoder"):
             return (encode_prompts(text_encoder, [text])[0],)

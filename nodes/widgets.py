@@ -49,8 +49,13 @@ def _spec_problem(name: str, kind, options: dict, value) -> str | None:
         low, high = options.get("min"), options.get("max")
         if (low is not None and value < low) or (high is not None and value > high):
             return f"{name}={value!r} is not allowed: it must be between {low} and {high}"
-    if kind == "STRING" and not isinstance(value, str):
-        return f"{name}={value!r} is not allowed: it must be text"
+    if kind == "STRING":
+        if not isinstance(value, str):
+            return f"{name}={value!r} is not allowed: it must be text"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON can spell half a surrogate pair; the tokenizer then fails
+            return f"{name} is not valid text: character {exc.start} is half of a surrogate pair ({value[exc.start]!r})"
     return None
 
 

@@ -120,6 +120,7 @@ NAN, INF = float("nan"), float("inf")
 
 
 @pytest.mark.parametrize("node_id, values, message", [
+    ("SpacetimeTextEncode", dict(text="a red circle \ud800"), r"text is not valid text: character 13 is half of a surrogate pair"),
     ("SpacetimeSampler", dict(seed=0, steps=4, cfg=NAN, shift=3.0, scheduler="euler", denoise=1.0), r"cfg=nan is not allowed: it must be a finite number"),
     ("SpacetimeSampler", dict(seed=0, steps=4, cfg=5.0, shift=INF, scheduler="euler", denoise=1.0), r"shift=inf is not allowed: it must be a finite number"),
     ("SpacetimeSampler", dict(seed=0, steps=4, cfg=5.0, shift=3.0, scheduler="ddim", denoise=1.0), r"scheduler='ddim' is not allowed; allowed values: \['unipc', 'euler', 'heun'\]"),

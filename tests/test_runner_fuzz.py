@@ -22,7 +22,7 @@ from comfyui_spacetime.headless import runner
 from comfyui_spacetime.headless.workflow import input_specs, widget_positions
 
 from standins import provide_files, shrink
-from test_workflows import shorten_long_video
+from test_runner_workflows import shorten_long_video
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted(p.name for p in (ROOT / "workflows").glob("*.json"))
