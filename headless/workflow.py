@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..nodes.widgets import short_repr, widget_problem
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 IGNORED_UI_TYPES = ("Note", "MarkdownNote")
@@ -63,11 +64,6 @@ class _JsonObject(dict):
             obj.duplicate_keys = tuple(key for index, key in enumerate(keys) if key in keys[:index])
         return obj
 
-
-def _short(value, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters: a message stays one readable line whatever the file holds."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-2:]}"
 
 
 def input_specs(node_class) -> dict[str, tuple]:
@@ -151,7 +147,7 @@ def _from_api(data: dict) -> dict[str, NodeCall]:
         for name, value in inputs.items():
             if isinstance(value, list):  # no input of ours takes a list value: a list is a link
                 if len(value) != 2 or not _is_node_id(value[0]) or not _is_slot(value[1]):
-                    raise WorkflowError(f"{call.where(name)}: bad link {_short(value)}; a link is {API_LINK_SHAPE}")
+                    raise WorkflowError(f"{call.where(name)}: bad link {short_repr(value)}; a link is {API_LINK_SHAPE}")
                 value = Link(str(value[0]), value[1])
             call.inputs[name] = value
         calls[str(node_id)] = call
@@ -163,12 +159,12 @@ def _ui_nodes(entries: list, path) -> dict[str, dict]:
     nodes: dict[str, dict] = {}
     for index, node in enumerate(entries):
         if not isinstance(node, dict):
-            raise WorkflowError(f"{path}: nodes[{index}] is {_short(node)}, not a node object")
+            raise WorkflowError(f"{path}: nodes[{index}] is {short_repr(node)}, not a node object")
         node_id, node_type = node.get("id"), node.get("type")
         if not _is_node_id(node_id):
-            raise WorkflowError(f"{path}: nodes[{index}] (type {_short(node_type)}) has no valid 'id' (a number), got {_short(node_id)}")
+            raise WorkflowError(f"{path}: nodes[{index}] (type {short_repr(node_type)}) has no valid 'id' (a number), got {short_repr(node_id)}")
         if not isinstance(node_type, str) or not node_type:
-            raise WorkflowError(f"node {node_id}: has no 'type' (the node class, e.g. 'SpacetimeSampler'), got {_short(node_type)}")
+            raise WorkflowError(f"node {node_id}: has no 'type' (the node class, e.g. 'SpacetimeSampler'), got {short_repr(node_type)}")
         other = nodes.get(str(node_id))
         if other is not None:
             raise WorkflowError(
@@ -193,7 +189,7 @@ def _ui_links(entries, path) -> dict:
             entry = [entry.get(key) for key in UI_LINK_FIELDS]
         link_id = entry[0] if isinstance(entry, list) and entry else None
         if not isinstance(link_id, int) or isinstance(link_id, bool):
-            raise WorkflowError(f"{path}: links[{index}] is {_short(entry)}; a link is {UI_LINK_SHAPE}")
+            raise WorkflowError(f"{path}: links[{index}] is {short_repr(entry)}; a link is {UI_LINK_SHAPE}")
         if links.get(link_id, entry) != entry:
             raise WorkflowError(f"{path}: link {link_id} is given twice in 'links', with different ends; link ids must be unique")
         links[link_id] = entry
@@ -204,11 +200,11 @@ def _linked_inputs(node: dict, call: NodeCall) -> dict:
     """input name -> link id (or None) of a UI node's 'inputs' list."""
     entries = node.get("inputs") or []
     if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries):
-        raise WorkflowError(f"{call.where()}: 'inputs' must be a list of {{\"name\": ..., \"link\": link id or null}}, got {_short(entries)}")
+        raise WorkflowError(f"{call.where()}: 'inputs' must be a list of {{\"name\": ..., \"link\": link id or null}}, got {short_repr(entries)}")
     linked = {entry["name"]: entry.get("link") for entry in entries}
     for name, link_id in linked.items():
         if link_id is not None and (not isinstance(link_id, int) or isinstance(link_id, bool)):
-            raise WorkflowError(f"{call.where(name)}: 'link' must be a link id (a number) or null, got {_short(link_id)}")
+            raise WorkflowError(f"{call.where(name)}: 'link' must be a link id (a number) or null, got {short_repr(link_id)}")
     return linked
 
 
@@ -227,7 +223,7 @@ def _from_ui(data: dict, node_types: dict, path) -> dict[str, NodeCall]:
         if entry is None:
             raise WorkflowError(f"{call.where(name)}: connected by link {link_id}, which is not in the workflow's 'links'")
         if len(entry) < 5 or not _is_node_id(entry[1]) or not _is_slot(entry[2]):
-            raise WorkflowError(f"{call.where(name)}: link {link_id} in 'links' is malformed: {_short(entry)}; a link is {UI_LINK_SHAPE}")
+            raise WorkflowError(f"{call.where(name)}: link {link_id} in 'links' is malformed: {short_repr(entry)}; a link is {UI_LINK_SHAPE}")
         src, slot = entry[1], entry[2]
         src_node = nodes.get(str(src))
         if src_node is None:
@@ -254,7 +250,7 @@ def _from_ui(data: dict, node_types: dict, path) -> dict[str, NodeCall]:
         values = node.get("widgets_values")
         values = [] if values is None else values
         if not isinstance(values, (list, dict)):
-            raise WorkflowError(f"{call.where()}: 'widgets_values' must be a list of widget values, got {_short(values)}")
+            raise WorkflowError(f"{call.where()}: 'widgets_values' must be a list of widget values, got {short_repr(values)}")
         positions = widget_positions(node_types[node_type])
         specs = input_specs(node_types[node_type])
         for name in specs:
@@ -281,36 +277,9 @@ def output_type(calls: dict[str, NodeCall], node_types: dict, link: Link, consum
 
 
 def _check_value(call: NodeCall, name: str, input_type, options: dict, value) -> None:
-    if isinstance(input_type, (list, tuple)):
-        if value not in input_type:
-            raise WorkflowError(f"{call.where(name)}: value {_short(value)} is not allowed; allowed values: {list(input_type)}")
-        return
-    expected = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}.get(input_type)
-    if expected is None:
-        raise WorkflowError(f"{call.where(name)}: expects a connection of type {input_type}, got the value {_short(value)}")
-    if not isinstance(value, expected) or (input_type in ("INT", "FLOAT") and isinstance(value, bool)):
-        raise WorkflowError(f"{call.where(name)}: expects {input_type}, got {_short(value)}")
-    if input_type == "STRING":
-        _check_text(call, name, value)
-    if input_type not in ("INT", "FLOAT"):
-        return
-    low, high = options.get("min"), options.get("max")
-    if isinstance(value, float) and not math.isfinite(value):  # NaN compares False with every bound, so it would pass the range check below
-        raise WorkflowError(f"{call.where(name)}: {value} is not a finite number; allowed: {low} to {high}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise WorkflowError(f"{call.where(name)}: {value} is out of range; allowed: {low} to {high}")
-
-
-def _check_text(call: NodeCall, name: str, value: str) -> None:
-    """JSON can spell half of a UTF-16 surrogate pair ("\\ud800"), which is no text: tokenizers and file
-    systems fail on it deep inside a node, so it is refused here."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise WorkflowError(
-            f"{call.where(name)}: not valid text: {value[exc.start]!r} at index {exc.start} is half of a surrogate pair; "
-            "allowed: any Unicode text"
-        ) from exc
+    problem = widget_problem(input_type, options, value)
+    if problem:
+        raise WorkflowError(f"{call.where(name)}: {problem}")
 
 
 def _custom_validation(call: NodeCall, node_class, calls: dict[str, NodeCall], node_types: dict) -> None:
@@ -345,7 +314,7 @@ def validate(calls: dict[str, NodeCall], node_types: dict) -> None:
     for call in calls.values():
         if call.class_type not in node_types:
             raise WorkflowError(
-                f"{call.where()}: unknown node type {_short(call.class_type)}; this runner knows {sorted(node_types)}"
+                f"{call.where()}: unknown node type {short_repr(call.class_type)}; this runner knows {sorted(node_types)}"
             )
     for call in calls.values():
         node_class = node_types[call.class_type]

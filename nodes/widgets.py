@@ -39,23 +39,36 @@ def solver_settings(steps: int, cfg: float, shift: float, scheduler: str, denois
     return SolverSettings(steps=steps, cfg=cfg, shift=shift, scheduler=scheduler, denoise=denoise)
 
 
-def _spec_problem(name: str, kind, options: dict, value) -> str | None:
-    if isinstance(kind, list):
-        return None if value in kind else f"{name}={value!r} is not allowed; allowed values: {kind}"
-    if kind in ("INT", "FLOAT"):
-        number_types = int if kind == "INT" else (int, float)
-        if isinstance(value, bool) or not isinstance(value, number_types) or (kind == "FLOAT" and not math.isfinite(value)):
-            return f"{name}={value!r} is not allowed: it must be a finite {'whole number' if kind == 'INT' else 'number'}"
-        low, high = options.get("min"), options.get("max")
-        if (low is not None and value < low) or (high is not None and value > high):
-            return f"{name}={value!r} is not allowed: it must be between {low} and {high}"
+def short_repr(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message stays one readable line whatever a file holds."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-2:]}"
+
+
+def widget_problem(kind, options: dict, value) -> str | None:
+    """What is wrong with a literal ``value`` for a widget of ``kind`` (a combo list, INT, FLOAT, STRING,
+    BOOLEAN) and ``options`` (min, max), or None. The one rule for widget values: ComfyUI's own checks
+    (which it skips for the inputs a VALIDATE_INPUTS takes), plus finite numbers and real text."""
+    if isinstance(kind, (list, tuple)):
+        return None if value in kind else f"value {short_repr(value)} is not allowed; allowed values: {list(kind)}"
+    expected = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}.get(kind)
+    if expected is None:
+        return f"expects a connection of type {kind}, got the value {short_repr(value)}"
+    if not isinstance(value, expected) or (kind in ("INT", "FLOAT") and isinstance(value, bool)):
+        return f"expects {kind}, got {short_repr(value)}"
     if kind == "STRING":
-        if not isinstance(value, str):
-            return f"{name}={value!r} is not allowed: it must be text"
         try:
             value.encode("utf-8")
-        except UnicodeEncodeError as exc:  # JSON can spell half a surrogate pair; the tokenizer then fails
-            return f"{name} is not valid text: character {exc.start} is half of a surrogate pair ({value[exc.start]!r})"
+        except UnicodeEncodeError as exc:  # JSON can spell half a surrogate pair; tokenizers and file systems then fail
+            return f"not valid text: {value[exc.start]!r} at index {exc.start} is half of a surrogate pair; allowed: any Unicode text"
+        return None
+    if kind == "BOOLEAN":
+        return None
+    low, high = options.get("min"), options.get("max")
+    if isinstance(value, float) and not math.isfinite(value):  # NaN compares False with every bound
+        return f"{value} is not a finite number; allowed: {low} to {high}"
+    if (low is not None and value < low) or (high is not None and value > high):
+        return f"{value} is out of range; allowed: {low} to {high}"
     return None
 
 
@@ -70,9 +83,9 @@ def validate_inputs(node_class, values: dict, *rules) -> bool | str:
         if value is None or name not in entries:
             continue
         kind, options = entries[name][0], (entries[name][1] if len(entries[name]) > 1 else {})
-        problem = _spec_problem(name, kind, options, value)
+        problem = widget_problem(kind, options, value)
         if problem:
-            return problem
+            return f"{name}: {problem}"
     for rule in rules:
         try:
             rule(values)

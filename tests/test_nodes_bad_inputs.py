@@ -120,14 +120,14 @@ NAN, INF = float("nan"), float("inf")
 
 
 @pytest.mark.parametrize("node_id, values, message", [
-    ("SpacetimeTextEncode", dict(text="a red circle \ud800"), r"text is not valid text: character 13 is half of a surrogate pair"),
-    ("SpacetimeSampler", dict(seed=0, steps=4, cfg=NAN, shift=3.0, scheduler="euler", denoise=1.0), r"cfg=nan is not allowed: it must be a finite number"),
-    ("SpacetimeSampler", dict(seed=0, steps=4, cfg=5.0, shift=INF, scheduler="euler", denoise=1.0), r"shift=inf is not allowed: it must be a finite number"),
-    ("SpacetimeSampler", dict(seed=0, steps=4, cfg=5.0, shift=3.0, scheduler="ddim", denoise=1.0), r"scheduler='ddim' is not allowed; allowed values: \['unipc', 'euler', 'heun'\]"),
+    ("SpacetimeTextEncode", dict(text="a red circle \ud800"), r"text: not valid text: '\\ud800' at index 13 is half of a surrogate pair"),
+    ("SpacetimeSampler", dict(seed=0, steps=4, cfg=NAN, shift=3.0, scheduler="euler", denoise=1.0), r"cfg: nan is not a finite number; allowed: 0.0 to 100.0"),
+    ("SpacetimeSampler", dict(seed=0, steps=4, cfg=5.0, shift=INF, scheduler="euler", denoise=1.0), r"shift: inf is not a finite number; allowed: 0.01 to 100.0"),
+    ("SpacetimeSampler", dict(seed=0, steps=4, cfg=5.0, shift=3.0, scheduler="ddim", denoise=1.0), r"scheduler: value 'ddim' is not allowed; allowed values: \['unipc', 'euler', 'heun'\]"),
     ("SpacetimeEmptyLatentVideo", dict(width=72, height=64, frames=17, batch_size=1), r"width=72 is not allowed: it must be a multiple of 16 .*nearest allowed values: \[64, 80\]"),
     ("SpacetimeEmptyLatentVideo", dict(width=64, height=64, frames=16, batch_size=1), r"frames=16 is not allowed: it must be 1 \+ 4\*k"),
     ("SpacetimeImageToVideo", dict(width=64, height=64, frames=17, frame_index=17, strength=1.0), r"frame_index=17 is outside the video"),
-    ("SpacetimeExtendVideo", dict(direction="forward", overlap=5, new_frames=12, strength=NAN), r"strength=nan is not allowed"),
+    ("SpacetimeExtendVideo", dict(direction="forward", overlap=5, new_frames=12, strength=NAN), r"strength: nan is not a finite number; allowed: 0.0 to 1.0"),
     ("SpacetimeLongVideo", dict(width=64, height=64, frames=961, chunk_frames=17, overlap=17, seed=0, steps=4, cfg=5.0, shift=5.0, scheduler="unipc", strength=1.0),
      r"overlap=17 is not allowed with chunk_frames=17"),
     ("SpacetimePackedSampler", dict(videos="a | 64 | 64 | 16", negative="", seed=0, steps=4, cfg=5.0, shift=5.0, scheduler="unipc", max_tokens_per_pack=100),
