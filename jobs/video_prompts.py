@@ -65,6 +65,11 @@ def _prompt(
     return KnownFrames(known_latents(encode, runs, frames, height, width, vae.temporal_factor, target_shape), join)
 
 
+def check_frame_index(frame_index: int, frames: int) -> None:
+    if not 0 <= frame_index < frames:
+        raise ValueError(f"frame_index={frame_index} is outside the video: it has {frames} frames (0 to {frames - 1})")
+
+
 def image_to_video(
     vae: SpacetimeVAE, images: torch.Tensor, width: int, height: int, frames: int, frame_index: int, strength: float,
     device: torch.device, on_chunk: ChunkCallback | None = None,
@@ -75,8 +80,7 @@ def image_to_video(
     _check_images(images, "image")
     tf = vae.temporal_factor
     vae.video_rules.check_size(width, height, frames)
-    if not 0 <= frame_index < frames:
-        raise ValueError(f"frame_index={frame_index} is outside the video: it has {frames} frames (0 to {frames - 1})")
+    check_frame_index(frame_index, frames)
     start = frame_index
     if images.shape[0] == 1 and frame_index > 0:
         start = 1 + tf * ((frame_index - 1) // tf)  # first frame of the latent frame holding frame_index

@@ -97,12 +97,12 @@ class SizeRules:
                 f"nearest allowed values: {nearest_allowed(value, unit, unit)}"
             )
 
-    def check_frames(self, frames: int, name: str = "frames") -> None:
+    def check_frames(self, frames: int) -> None:
         tf, pt = self.temporal_factor, self.patch[0]
         step = tf * pt
         if frames < 1 or (frames - 1) % step:
             raise ValueError(
-                f"{name}={frames} is not allowed: it must be 1 + {step}*k ({series(1, step)}); "
+                f"frames={frames} is not allowed: it must be 1 + {step}*k ({series(1, step)}); "
                 f"nearest allowed values: {nearest_allowed(frames, 1, step)}"
             )
 
@@ -115,17 +115,8 @@ class SizeRules:
     def latent_frames(self, frames: int) -> int:
         return 1 + (frames - 1) // self.temporal_factor
 
-    def pixel_frames(self, latent_frames: int) -> int:
-        return 1 + (latent_frames - 1) * self.temporal_factor
-
     def latent_size(self, width: int, height: int, frames: int) -> tuple[int, int, int]:
         """(T', h, w) of a checked video size."""
         self.check_size(width, height, frames)
         sf = self.spatial_factor
         return self.latent_frames(frames), height // sf, width // sf
-
-    def pixel_size(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
-        """(frames, height, width) a latent ``[..., T', h, w]`` decodes to."""
-        latent_frames, height, width = (int(n) for n in latent_shape[-3:])
-        sf = self.spatial_factor
-        return self.pixel_frames(latent_frames), height * sf, width * sf

@@ -188,10 +188,12 @@ class Progress:
 
 def progress_callback(label: str) -> Callable[[int, int], None]:
     """``on_progress(done, total)`` for jobs whose total is known only once they start (chunks, bytes):
-    the progress bar is made at the first call."""
+    the progress bar is made at the first call with a total (0: not known, e.g. a download of unknown size)."""
     bar: list[Progress] = []
 
     def update(done: int, total: int) -> None:
+        if not total:
+            return
         if not bar:
             bar.append(Progress(total, label))
         bar[0].update(done)

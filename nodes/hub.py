@@ -44,13 +44,6 @@ class SpacetimeHubDownload:
     def download(self, repo_id: str, filename: str, folder: str, revision: str = "main", subfolder: str = ""):
         if folder not in FOLDERS:
             raise ValueError(f"folder={folder!r} is not allowed; allowed values: {FOLDERS}")
-        progress = None
-
-        def on_progress(done: int, total: int) -> None:
-            nonlocal progress
-            if total:
-                progress = progress or comfy_glue.Progress(total, f"downloading {filename}")
-                progress.update(done)
-
+        on_progress = comfy_glue.progress_callback(f"downloading {filename}")
         path = download_file(repo_id, filename, comfy_glue.download_folder(folder), revision or "main", on_progress, subfolder)
         return {"ui": {"text": [str(path)]}, "result": (path.name,)}

@@ -3,7 +3,7 @@ result with the given clips. Each prompt node gives the LATENT to sample and the
 (SPACETIME_KNOWN_FRAMES) for the sampler's ``known_frames`` input."""
 from __future__ import annotations
 
-from ..jobs.video_prompts import DIRECTIONS, connect_videos, extend_video, image_to_video, join_video
+from ..jobs.video_prompts import DIRECTIONS, check_frame_index, connect_videos, extend_video, image_to_video, join_video
 from . import comfy_glue
 from .widgets import FRAMES, HEIGHT, KNOWN_FRAMES, STRENGTH, WIDTH, literal_values, size_rule, validate_inputs
 
@@ -17,9 +17,7 @@ def _encoded(vae, make):
 
 
 def _frame_index_rule(values: dict) -> None:
-    frame_index, frames = literal_values(values, "frame_index", "frames")
-    if not 0 <= frame_index < frames:
-        raise ValueError(f"frame_index={frame_index} is outside the video: it has {frames} frames (0 to {frames - 1})")
+    check_frame_index(*literal_values(values, "frame_index", "frames"))
 
 
 class SpacetimeImageToVideo:
