@@ -1,7 +1,8 @@
 """How a DiT's tokens are laid out, and what that means for its blocks: one ``WanBlock`` runs either.
 
 - ``DenseLayout``: videos of one size as a batch ``x [B, S, C]``; modulation per sample ``[B, C]``
-  broadcast over the tokens; attention over ``[B, H, S, D]`` with the grid's 3D RoPE.
+  broadcast over the tokens (or per latent frame ``[B*F', C]``, expanded to the frame's tokens);
+  attention over ``[B, H, S, D]`` with the grid's 3D RoPE.
 - ``PackedLayout`` (NaViT's "patch n' pack", Dehghani et al. 2023): the spacetime patches of several
   videos of different sizes end to end as one sequence ``x [1, T, C]``, each video's result the same as
   alone. Self-attention is block-diagonal through the backend's varlen attention (``cu_seqlens``): no
@@ -11,7 +12,11 @@
   chunk at a time, right where it is used (the kernels take per-token shift/scale/gate), so the extra
   memory is two fp32 activations at most, never the six.
 
-A layout answers three questions for a block: ``per_token(per_sample [N, C])`` (modulation broadcast to
+Modulation rows: one per sample/sequence, or one per latent frame when timesteps differ between frames
+(Wan 2.2 TI2V holds a known first frame at timestep 0 while the rest is denoised: per-token timesteps,
+which for every use the pack has are per-frame ones).
+
+A layout answers three questions for a block: ``per_token(rows [N, C])`` (modulation broadcast to
 ``x``), ``self_attention(q, k, v, heads)`` and ``cross_attention(q, k, v, heads)`` (q/k/v ``[.., S, C]``
 after the projections and q/k norms -> attention output ``[.., S, C]`` before the output projection).
 Shapes: T packed video tokens; Tk packed text tokens; C model width; H heads, D head dim.
@@ -47,6 +52,7 @@ class Pack:
     cu_seqlens: torch.Tensor  # [N+1] int32
     max_seqlen: int
     token_sequence: torch.Tensor  # [T] long: the sequence each token belongs to
+    token_frame: torch.Tensor  # [T] long: the latent frame each token belongs to, numbered across the pack
     rope: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) [T, D/2] fp32, each sequence's own positions
 
     @property
@@ -56,6 +62,11 @@ class Pack:
     @property
     def num_sequences(self) -> int:
         return len(self.grids)
+
+    @property
+    def num_frames(self) -> int:
+        """Latent frames (patch-grid frames) of all sequences together."""
+        return sum(grid[0] for grid in self.grids)
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,7 +97,9 @@ def make_pack(grids: Sequence[tuple[int, int, int]], head_dim: int, device: torc
     sin = torch.cat([table[1] for table in tables])  # [T, D/2]
     counts = torch.tensor(lengths, device=device)
     token_sequence = torch.repeat_interleave(torch.arange(len(grids), device=device), counts, output_size=sum(lengths))  # [T]
-    return Pack(grids, _cumulative(lengths, device), max(lengths), token_sequence, (cos, sin))
+    frame_sizes = torch.tensor([h * w for f, h, w in grids for _ in range(f)], device=device)  # [sum F']
+    token_frame = torch.repeat_interleave(torch.arange(frame_sizes.numel(), device=device), frame_sizes, output_size=sum(lengths))  # [T]
+    return Pack(grids, _cumulative(lengths, device), max(lengths), token_sequence, token_frame, (cos, sin))
 
 
 def pack_text(contexts: torch.Tensor) -> PackedText:
@@ -100,13 +113,19 @@ def pack_text(contexts: torch.Tensor) -> PackedText:
 
 @dataclass(frozen=True, eq=False)
 class DenseLayout:
-    """A batch of videos of one patch grid: x ``[B, S, C]``, RoPE tables ``[S, D/2]``."""
+    """A batch of videos of one patch grid: x ``[B, S, C]``, RoPE tables ``[S, D/2]``; ``frame_grid`` (the
+    patch grid) when modulation rows are per latent frame ``[B*F', C]`` instead of per sample ``[B, C]``."""
 
     backend: KernelBackend
     rope: tuple[torch.Tensor, torch.Tensor]
+    frame_grid: tuple[int, int, int] | None = None
 
-    def per_token(self, per_sample: torch.Tensor) -> torch.Tensor:
-        return per_sample[:, None, :]  # [B,C] -> [B,1,C]
+    def per_token(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.frame_grid is None:
+            return rows[:, None, :]  # [B,C] -> [B,1,C]
+        frames, height, width = self.frame_grid
+        per_frame = rows.unflatten(0, (-1, frames))[:, :, None, :]  # [B,F',1,C]
+        return per_frame.expand(-1, -1, height * width, -1).flatten(1, 2)  # [B,S,C], one chunk at a time
 
     def _attend(self, q, k, v, heads: int, rope) -> torch.Tensor:
         q, k, v = (rearrange(t, "b s (h d) -> b h s d", h=heads) for t in (q, k, v))  # [B,H,S,D]
@@ -121,14 +140,17 @@ class DenseLayout:
 
 @dataclass(frozen=True, eq=False)
 class PackedLayout:
-    """Sequences of different grids end to end: x ``[1, T, C]``, text ``[1, Tk, C]``."""
+    """Sequences of different grids end to end: x ``[1, T, C]``, text ``[1, Tk, C]``; modulation rows per
+    sequence ``[N, C]``, or per latent frame ``[pack.num_frames, C]`` with ``per_frame``."""
 
     backend: KernelBackend
     pack: Pack
     text: PackedText
+    per_frame: bool = False
 
-    def per_token(self, per_sequence: torch.Tensor) -> torch.Tensor:
-        return per_sequence.index_select(0, self.pack.token_sequence)[None]  # [N,C] -> [1,T,C]
+    def per_token(self, rows: torch.Tensor) -> torch.Tensor:
+        owner = self.pack.token_frame if self.per_frame else self.pack.token_sequence  # [T]
+        return rows.index_select(0, owner)[None]  # [N,C] -> [1,T,C]
 
     def _attend(self, q, k, v, heads: int, keys_cu, keys_max: int, rope) -> torch.Tensor:
         q, k, v = (rearrange(t, "b t (h d) -> (b t) h d", h=heads) for t in (q, k, v))  # [T or Tk, H, D]

@@ -107,7 +107,7 @@ class WanBlock(nn.Module):
         self._gated_residual = backend.gated_residual
 
     def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        # x [B,S,C] (dense) or [1,T,C] (packed); time_mod [N,6,C] fp32, one row per sample or sequence;
+        # x [B,S,C] (dense) or [1,T,C] (packed); time_mod [N,6,C] fp32, one row per sample, sequence or latent frame;
         # context [B,L,C] or [1,Tk,C]
         tok = layout.per_token  # [N,C] -> broadcastable to x
         mod = self.modulation.float() + time_mod  # [N,6,C]
@@ -180,39 +180,52 @@ class WanDiT(nn.Module):
                 self.head.head.weight.zero_()
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Velocity ``[B,Cout,F,H,W]`` fp32 for latents ``[B,Cin,F,H,W]`` at timesteps ``[B]`` given context
+        """Velocity ``[B,Cout,F,H,W]`` fp32 for latents ``[B,Cin,F,H,W]`` at timesteps ``[B]`` (0..1000), or
+        ``[B,F']`` one per latent frame (per-token timesteps, as Wan 2.2 TI2V), given context
         ``[B,L,text_dim]`` (zero-padded text, attended to whole as Wan does)."""
         cfg = self.config
         grid = patch_grid(latents.shape, cfg.patch_size)  # (F', H', W')
+        per_frame = timesteps.ndim == 2
+        if timesteps.shape not in ((latents.shape[0],), (latents.shape[0], grid[0])):
+            raise ValueError(
+                f"timesteps must be [{latents.shape[0]}] (one per video) or [{latents.shape[0]}, {grid[0]}] (one per "
+                f"latent frame) for latents {tuple(latents.shape)}, got {tuple(timesteps.shape)}"
+            )
         x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))  # [B,C,F',H',W']
         x = rearrange(x, "b c f h w -> b (f h w) c")  # [B,S,C]
-        layout = DenseLayout(self.backend, rope_3d_tables(grid, cfg.head_dim, device=latents.device))
-        x = self._transformer(x, timesteps, context, layout)  # [B,S,pt*ph*pw*Cout]
+        rope = rope_3d_tables(grid, cfg.head_dim, device=latents.device)
+        layout = DenseLayout(self.backend, rope, grid if per_frame else None)
+        x = self._transformer(x, timesteps.flatten(), context, layout)  # [B,S,pt*ph*pw*Cout]
         return unpatchify(x.float(), grid, cfg.patch_size)  # [B,Cout,F,H,W]
 
     def forward_packed(self, pack: Pack, tokens: torch.Tensor, timesteps: torch.Tensor, text: PackedText) -> torch.Tensor:
         """The DiT on a pack: tokens ``[T, pt*ph*pw*in_dim]`` (``patchify`` order), timesteps ``[N]`` (0..1000,
-        one per sequence), text packed ``[Tk, text_dim]`` -> velocity patch vectors ``[T, pt*ph*pw*out_dim]`` fp32."""
+        one per sequence) or ``[pack.num_frames]`` (one per latent frame, sequences in order), text packed
+        ``[Tk, text_dim]`` -> velocity patch vectors ``[T, pt*ph*pw*out_dim]`` fp32."""
         total = sum(pack.lengths)
         if tokens.ndim != 2 or tokens.shape[0] != total:
             raise ValueError(f"tokens must be [{total}, P] for this pack, got {tuple(tokens.shape)}")
-        if timesteps.shape != (pack.num_sequences,) or text.cu_seqlens.shape != pack.cu_seqlens.shape:
+        allowed = ((pack.num_sequences,), (pack.num_frames,))
+        if timesteps.shape not in allowed or text.cu_seqlens.shape != pack.cu_seqlens.shape:
             raise ValueError(
-                f"a pack of {pack.num_sequences} sequences needs {pack.num_sequences} timesteps and contexts, "
+                f"a pack of {pack.num_sequences} sequences ({pack.num_frames} latent frames) needs timesteps "
+                f"[{pack.num_sequences}] or [{pack.num_frames}] and {pack.num_sequences} contexts, "
                 f"got timesteps {tuple(timesteps.shape)} and {text.cu_seqlens.numel() - 1} contexts"
             )
         embed = self.patch_embedding
         embed_weight = rearrange(embed.weight, "d c p q r -> d (p q r c)")  # [C, P]: the Conv3d as a linear
         x = F.linear(tokens.to(embed.weight.dtype), embed_weight, embed.bias)[None]  # [1,T,C]
-        x = self._transformer(x, timesteps, text.tokens[None], PackedLayout(self.backend, pack, text))  # [1,T,P']
+        per_frame = timesteps.shape[0] != pack.num_sequences  # equal counts: one frame each, the same rows
+        x = self._transformer(x, timesteps, text.tokens[None], PackedLayout(self.backend, pack, text, per_frame))  # [1,T,P']
         return x[0].float()  # [T,P']
 
     def forward_videos(self, latents: list[torch.Tensor], timesteps: torch.Tensor, contexts: torch.Tensor) -> list[torch.Tensor]:
         """N videos of different sizes in one packed pass: latents ``[in_dim, F_i, H_i, W_i]``, timesteps
-        ``[N]``, contexts ``[N, L, text_dim]`` -> N velocities ``[out_dim, F_i, H_i, W_i]`` fp32, each what
-        ``self(latents[i][None], timesteps[i:i+1], contexts[i:i+1])[0]`` gives."""
-        if len(latents) != timesteps.shape[0] or len(latents) != contexts.shape[0]:
-            raise ValueError(f"{len(latents)} latents need as many timesteps and contexts, got {timesteps.shape[0]} and {contexts.shape[0]}")
+        ``[N]`` (or ``[sum F_i']``, one per latent frame of every video in order), contexts ``[N, L, text_dim]``
+        -> N velocities ``[out_dim, F_i, H_i, W_i]`` fp32, each what ``self(latents[i][None], its timesteps,
+        contexts[i:i+1])[0]`` gives."""
+        if len(latents) != contexts.shape[0]:
+            raise ValueError(f"{len(latents)} latents need as many contexts, got {contexts.shape[0]}")
         patch = self.config.patch_size
         grids = [patch_grid(latent.shape, patch) for latent in latents]
         pack = make_pack(grids, self.config.head_dim, latents[0].device)
@@ -221,7 +234,8 @@ class WanDiT(nn.Module):
         return [unpatchify(part, grid, patch) for part, grid in zip(out.split(pack.lengths), grids)]
 
     def _transformer(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """Embedded tokens x (``[B,S,C]`` dense, ``[1,T,C]`` packed) through the blocks and the head."""
+        """Embedded tokens x (``[B,S,C]`` dense, ``[1,T,C]`` packed) through the blocks and the head;
+        ``timesteps`` ``[N]``, one per modulation row of the layout (sample, sequence or latent frame)."""
         cfg = self.config
         dtype = self.patch_embedding.weight.dtype
         time_emb = self.time_embedding(sinusoidal_embedding(timesteps, cfg.freq_dim).to(dtype)).float()  # [N,C]
