@@ -19,7 +19,7 @@ import torch
 from ..model_defs.bundles import SpacetimeConditioning, SpacetimeModel, SpacetimeVAE
 from ..model_defs.flow_matching import SolverSettings
 from ..model_defs.sizes import SizeRules, describe_allowed
-from .text_to_video import empty_latent, generate
+from .text_to_video import ModuleUse, empty_latent, generate
 from .vae_frames import decode_frames
 from .video_prompts import extend_video
 
@@ -82,6 +82,7 @@ def generate_long_video(
     vae_device: torch.device,
     on_chunk: ChunkDone | None = None,
     on_step: StepDone | None = None,
+    use: ModuleUse | None = None,
 ) -> torch.Tensor:
     """IMAGE frames ``[plan.frames, height, width, 3]``: chunk ``i`` is sampled with seed
     ``seed + i`` (mod 2**64)."""
@@ -100,7 +101,7 @@ def generate_long_video(
             prompt = extend_video(vae, tail, "forward", plan.overlap, plan.new_per_chunk, strength, vae_device)
             known, keep_from = prompt.known, plan.overlap
             latent = known.empty_target()
-        samples = generate(model, positive, negative, latent, (seed + index) % 2**64, settings, device, on_step=step_cb, known=known)
+        samples = generate(model, positive, negative, latent, (seed + index) % 2**64, settings, device, on_step=step_cb, known=known, use=use)
         pixels = decode_frames(vae, samples, vae_device)[keep_from:]
         count = min(len(pixels), plan.frames - done)
         video[done: done + count] = pixels[:count]

@@ -26,10 +26,12 @@ from typing import Callable, Sequence
 import torch
 
 from ..model_defs.bundles import SpacetimeConditioning, SpacetimeModel
-from ..model_defs.flow_matching import SolverSettings, initial_noise, sample
+from ..model_defs.flow_matching import SolverSettings, VelocityFn, initial_noise, sample
 from ..model_defs.layers import patchify, unpatchify
-from ..model_defs.token_layouts import make_pack, pack_text
 from ..model_defs.sizes import patch_grid
+from ..model_defs.token_layouts import make_pack, pack_text
+from ..model_defs.wan_dit import WanDiT
+from .text_to_video import ModuleUse, stepwise_velocity
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,11 @@ def _check_items(model: SpacetimeModel, items: Sequence[PackedItem]) -> None:
         raise ValueError("there are no videos to sample")
     cfg = model.config
     if cfg.in_dim != cfg.out_dim:
-        raise ValueError(f"packed sampling needs a model whose input and output channels match, {model.name} has {cfg.in_dim} and {cfg.out_dim}")
+        raise ValueError(
+            f"model {model.name} is an image-conditioned (I2V) model ({cfg.in_dim} input channels for {cfg.out_dim} "
+            "latent ones): its image channels cannot be packed; sample its videos with the Spacetime Sampler, or pack "
+            "with a text-to-video model"
+        )
     for item in items:
         if len(item.latent_shape) != 5 or item.latent_shape[0] != 1:
             raise ValueError(f"the latent of {item.name} must be [1,C,T,H,W], got {tuple(item.latent_shape)}")
@@ -96,11 +102,12 @@ def _sample_pack(
     settings: SolverSettings,
     device: torch.device,
     on_step: Callable[[int], None] | None,
+    use: ModuleUse | None,
 ) -> list[torch.Tensor]:
-    """One pack: every item's positive (and, with guidance, negative) sequence in one DiT call per step."""
-    dit = model.dit
+    """One pack: every item's positive (and, with guidance, negative) sequence in one DiT call per step
+    (of the expert of that step, for an expert pair)."""
     patch = model.config.patch_size
-    cfg, guided = settings.cfg, settings.guided
+    guided = settings.guided
     grids = [patch_grid(item.latent_shape, patch) for item in items]
     contexts = [model.text_context(item.positive, "positive", 1, device) for item in items]  # [1,L,D] each
     if guided:
@@ -114,17 +121,22 @@ def _sample_pack(
         pack = make_pack(grids * (2 if guided else 1), model.config.head_dim, device)  # positives, then negatives
         text = pack_text(torch.cat(contexts))  # [N*L, text_dim] (generate() masks no context token either)
 
-        def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            # x [1,T,P]; timesteps [1], shared by every sequence (one noise schedule)
-            tokens = torch.cat([x[0], x[0]]) if guided else x[0]  # [2T or T, P]
-            v = dit.forward_packed(pack, tokens, timesteps.expand(pack.num_sequences), text)  # [2T or T, P]
-            if not guided:
-                return v[None]
-            v_pos, v_neg = v.chunk(2)  # [T,P] each
-            return (v_neg + cfg * (v_pos - v_neg))[None]  # [1,T,P]
+        def velocity_of(dit: WanDiT, cfg: float) -> VelocityFn:
+            def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+                # x [1,T,P]; timesteps [1], shared by every sequence (one noise schedule)
+                tokens = torch.cat([x[0], x[0]]) if guided else x[0]  # [2T or T, P]
+                v = dit.forward_packed(pack, tokens, timesteps.expand(pack.num_sequences), text)  # [2T or T, P]
+                if not guided:
+                    return v[None]
+                v_pos, v_neg = v.chunk(2)  # [T,P] each
+                return (v_neg + cfg * (v_pos - v_neg))[None]  # [1,T,P]
 
+            return velocity
+
+        sigmas = settings.sigmas()
+        velocity, step_start = stepwise_velocity(model, sigmas, settings, velocity_of, use)
         callback = None if on_step is None else (lambda done, _total, _x0: on_step(done))
-        result = sample(velocity, x0_start[None], noise[None], settings.sigmas(), settings.scheduler, callback)[0]  # [T,P]
+        result = sample(velocity, x0_start[None], noise[None], sigmas, settings.scheduler, callback, None, step_start)[0]  # [T,P]
     lengths = [math.prod(grid) for grid in grids]
     return [
         model.latent_format.denormalize(unpatchify(part, grid, patch)[None]).float().cpu()  # [1,C,T',H',W']
@@ -139,6 +151,7 @@ def generate_packed(
     device: torch.device,
     max_tokens: int,
     on_progress: PackProgress | None = None,
+    use: ModuleUse | None = None,
 ) -> list[torch.Tensor]:
     """Raw latents ``[1,C,T',H',W']``, one per item in the items' order, sampled in as few packs of at most
     ``max_tokens`` tokens as first fit finds (``settings.denoise`` must be 1: every item starts from noise)."""
@@ -158,7 +171,7 @@ def generate_packed(
     results: list[torch.Tensor | None] = [None] * len(items)
     for number, members in enumerate(packs):
         on_step = None if on_progress is None else (lambda done, base=number * steps: on_progress(base + done, total))
-        latents = _sample_pack(model, [items[i] for i in members], settings, device, on_step)
+        latents = _sample_pack(model, [items[i] for i in members], settings, device, on_step, use)
         for index, latent in zip(members, latents):
             results[index] = latent
     return results

@@ -2,11 +2,19 @@
 sampler that turns noise into raw latents under text conditioning, optionally holding known frames."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..model_defs.bundles import SpacetimeConditioning, SpacetimeModel, SpacetimeTextEncoder, SpacetimeVAE
-from ..model_defs.flow_matching import SolverSettings, StepCallback, guided_velocity, initial_noise, sample
+from ..model_defs.flow_matching import SolverSettings, StepCallback, StepStart, VelocityFn, guided_velocity, initial_noise, sample
+from ..model_defs.experts import ExpertSwitch, default_boundary
 from ..model_defs.known_frames import KnownLatents
+from ..model_defs.wan_dit import WanDiT
+
+# use(module): put a DiT on the sampling device before it runs (and release the one that ran before); the
+# nodes pass ComfyUI's model management here, tests and scripts nothing (the DiTs are already there).
+ModuleUse = Callable[[torch.nn.Module], None]
 
 
 def encode_prompts(text_encoder: SpacetimeTextEncoder, prompts: list[str]) -> list[SpacetimeConditioning]:
@@ -32,9 +40,11 @@ def generate(
     device: torch.device,
     on_step: StepCallback | None = None,
     known: KnownLatents | None = None,
+    use: ModuleUse | None = None,
 ) -> torch.Tensor:
     """Sample raw latents like ``latent [B,C,F,H,W]`` (raw VAE space); ``settings.denoise < 1`` starts from
-    ``latent``; ``known`` latent frames (image/video prompts) are held in place while sampling."""
+    ``latent``; ``known`` latent frames (image/video prompts) are held in place while sampling. An expert
+    pair runs each expert for its steps, ``use`` placing it first."""
     model.check_latent(tuple(latent.shape))
     batch = latent.shape[0]
     pos_ctx = model.text_context(positive, "positive", batch, device)
@@ -42,8 +52,53 @@ def generate(
 
     x0_start = model.latent_format.normalize(latent.float()).to(device)
     noise = initial_noise(tuple(latent.shape), seed).to(device)
-    guide = None if known is None else known.guide(model.latent_format.normalize, noise)
+    guide = None if known is None else known.guide(model.latent_format.normalize, noise, model.holds_known_frames_clean)
+    sigmas = settings.sigmas()
     with torch.inference_mode():
-        velocity = guided_velocity(model.dit, pos_ctx, neg_ctx, settings.cfg)
-        result = sample(velocity, x0_start, noise, settings.sigmas(), settings.scheduler, on_step, guide)
+        velocity, step_start = stepwise_velocity(
+            model, sigmas, settings, lambda dit, cfg: guided_velocity(dit, pos_ctx, neg_ctx, cfg), use)
+        result = sample(velocity, x0_start, noise, sigmas, settings.scheduler, on_step, guide, step_start)
     return model.latent_format.denormalize(result).float().cpu()
+
+
+def pair_experts(high: SpacetimeModel, low: SpacetimeModel, switch_step: int = -1, cfg_low_noise: float = 0.0) -> SpacetimeModel:
+    """A Wan 2.2 A14B expert pair: switched at the published boundary of its kind, or after ``switch_step``
+    steps (-1: by the boundary); ``cfg_low_noise`` the low-noise expert's cfg (0: the sampler's)."""
+    switch = ExpertSwitch(
+        default_boundary(high.config.model_type),
+        None if switch_step < 0 else switch_step,
+        None if cfg_low_noise == 0.0 else cfg_low_noise,
+    )
+    return high.with_low_noise_expert(low, switch)
+
+
+def stepwise_velocity(
+    model: SpacetimeModel,
+    sigmas: torch.Tensor,
+    settings: SolverSettings,
+    velocity_of: Callable[[WanDiT, float], VelocityFn],
+    use: ModuleUse | None,
+) -> tuple[VelocityFn, StepStart]:
+    """The velocity the solver calls, and the ``step_start`` that picks the DiT of each step: the model's
+    one DiT, or an expert pair's high-noise expert until its switch step and the low-noise one after (at
+    its own cfg when set). ``velocity_of(dit, cfg)`` makes one DiT's velocity; ``use`` places a DiT before
+    its first step."""
+    stages = [(model.dit, settings.cfg)]
+    first_low = len(sigmas) - 1
+    if model.low_noise is not None:
+        low_cfg = settings.cfg if model.switch.cfg_low_noise is None else model.switch.cfg_low_noise
+        stages.append((model.low_noise.dit, low_cfg))
+        first_low = model.switch.first_low_noise_step(sigmas)
+    current: list[tuple[WanDiT, VelocityFn]] = []
+
+    def step_start(index: int) -> None:
+        dit, cfg = stages[1] if index >= first_low else stages[0]
+        if not current or current[0][0] is not dit:
+            if use is not None:
+                use(dit)
+            current[:] = [(dit, velocity_of(dit, cfg))]
+
+    def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return current[0][1](x, timesteps)
+
+    return velocity, step_start

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .experts import ExpertSwitch
 from .sizes import SPATIAL_PATCH, SizeRules, patch_grid
 from .text_encoders import EncodedText
 from .wan_dit import WanDiT
@@ -44,12 +45,50 @@ class LatentFormat:
 
 @dataclass(frozen=True, eq=False)
 class SpacetimeModel:
-    """SPACETIME_MODEL: a DiT, the latent format it was trained in, and the kernel backend it runs on."""
+    """SPACETIME_MODEL: a DiT, the latent format it was trained in, and the kernel backend it runs on.
+    A Wan 2.2 A14B pair (``with_low_noise_expert``): ``dit`` is the high-noise expert, ``low_noise``
+    the low-noise one and ``switch`` when sampling hands over."""
 
     dit: WanDiT
     latent_format: LatentFormat
     name: str
     preset: str | None = None
+    low_noise: "SpacetimeModel | None" = None
+    switch: ExpertSwitch | None = None
+
+    @property
+    def holds_known_frames_clean(self) -> bool:
+        """Trained with per-token timesteps (Wan 2.2 TI2V-5B): known frames are held clean at timestep 0
+        (``known_frames``), as Wan 2.2 does image-to-video; other models take the mask path."""
+        return self.config.model_type == "ti2v"
+
+    @property
+    def dits(self) -> tuple[WanDiT, ...]:
+        """Every DiT of the model: one, or the high- and the low-noise expert."""
+        return (self.dit,) if self.low_noise is None else (self.dit, self.low_noise.dit)
+
+    def with_low_noise_expert(self, low_noise: "SpacetimeModel", switch: ExpertSwitch) -> "SpacetimeModel":
+        """This model as the high-noise expert of a pair; ValueError naming the input when the two are not
+        two different experts of one kind of model."""
+        if self.low_noise is not None or low_noise.low_noise is not None:
+            raise ValueError("high_noise_model and low_noise_model must each be one expert, not an already paired model")
+        if low_noise.config != self.config or low_noise.latent_format.channels != self.latent_format.channels:
+            raise ValueError(
+                f"high_noise_model ({self.name}, {self.preset or self.config.model_type}) and low_noise_model "
+                f"({low_noise.name}, {low_noise.preset or low_noise.config.model_type}) are different kinds of model; "
+                "load the high- and the low-noise expert of one Wan 2.2 A14B model (both T2V or both I2V)"
+            )
+        if low_noise.name == self.name or _same_weights(self.dit, low_noise.dit):
+            raise ValueError(
+                f"low_noise_model is the same expert as high_noise_model ({self.name}); load the other file of the "
+                "pair (e.g. wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors with ..._high_noise_...)"
+            )
+        if "low_noise" in self.name.lower() and "high_noise" in low_noise.name.lower():
+            raise ValueError(
+                f"high_noise_model={self.name!r} and low_noise_model={low_noise.name!r} look swapped; connect the "
+                "high_noise file to high_noise_model"
+            )
+        return SpacetimeModel(self.dit, self.latent_format, self.name, self.preset, low_noise, switch)
 
     @property
     def config(self):
@@ -91,6 +130,11 @@ class SpacetimeModel:
         length = min(cfg.text_len, emb.shape[1])
         out[:, :length] = emb[:, :length]
         return out.expand(batch, -1, -1).to(device=device, dtype=self.dtype)
+
+
+def _same_weights(a: WanDiT, b: WanDiT) -> bool:
+    """Whether two DiTs hold the same weights (checked on two tensors: two experts differ everywhere)."""
+    return torch.equal(a.patch_embedding.weight, b.patch_embedding.weight) and torch.equal(a.head.modulation, b.head.modulation)
 
 
 @dataclass(frozen=True, eq=False)

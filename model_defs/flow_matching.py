@@ -19,10 +19,12 @@ SOLVERS = ("unipc", "euler", "heun")
 NUM_TRAIN_TIMESTEPS = 1000
 FIRST_LEVEL_EPS = 1e-6
 
-# velocity_fn(x [B,C,F,H,W], timesteps [B]) -> velocity like x
+# velocity_fn(x [B,C,F,H,W], timesteps [B] or [B,F]) -> velocity like x
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # step_callback(step_index, total_steps, current_x0_estimate) -> None; may raise to interrupt
 StepCallback = Callable[[int, int, torch.Tensor], None]
+# step_start(step_index) -> None: before the model evaluations of a step (e.g. to switch experts)
+StepStart = Callable[[int], None]
 # evaluate(x, timesteps, sigma) -> (x as the model saw it, velocity)
 _Evaluate = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -30,9 +32,12 @@ _Evaluate = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, to
 class Guide(Protocol):
     """Holds parts of the sample to given values while sampling (known frames: ``known_frames.py``).
     Every model evaluation at noise level ``sigma`` sees ``model_input(x, sigma)`` (the solver goes on
-    from it) and the solver uses ``velocity(v)``; the final sample is ``final(x)``."""
+    from it) at ``timesteps(t)`` (the solver's ``[B]``, or one per latent frame ``[B, F']``), and the
+    solver uses ``velocity(v)``; the final sample is ``final(x)``."""
 
     def model_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor: ...
+
+    def timesteps(self, t: torch.Tensor) -> torch.Tensor: ...
 
     def velocity(self, velocity: torch.Tensor) -> torch.Tensor: ...
 
@@ -128,7 +133,7 @@ def _evaluator(velocity_fn: VelocityFn, guide: Guide | None) -> _Evaluate:
 
     def evaluate(x: torch.Tensor, t: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
         x = guide.model_input(x, sigma)
-        return x, guide.velocity(velocity_fn(x, t))
+        return x, guide.velocity(velocity_fn(x, guide.timesteps(t)))
 
     return evaluate
 
@@ -141,25 +146,31 @@ def sample(
     solver: str = "euler",
     callback: StepCallback | None = None,
     guide: Guide | None = None,
+    step_start: StepStart | None = None,
 ) -> torch.Tensor:
     """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` starting at ``(1-s0)*x0_start + s0*noise``.
     All tensors ``[B,C,F,H,W]`` fp32 on one device; returns the final sample (fp32). ``guide`` holds
-    parts of the sample (known frames) at every model evaluation and at the end."""
+    parts of the sample (known frames) at every model evaluation and at the end; ``step_start(i)`` is
+    called before step i's model evaluations."""
     _check_scheduler(solver)
     sigma_start = float(sigmas[0])
     x = (1.0 - sigma_start) * x0_start + sigma_start * noise  # [B,C,F,H,W]
     evaluate = _evaluator(velocity_fn, guide)
+    step_start = step_start or (lambda i: None)
     if solver == "unipc":
-        x = _sample_unipc(evaluate, x, sigmas, callback)
+        x = _sample_unipc(evaluate, x, sigmas, callback, step_start)
     else:
-        x = _sample_euler_heun(evaluate, x, sigmas, solver == "heun", callback)
+        x = _sample_euler_heun(evaluate, x, sigmas, solver == "heun", callback, step_start)
     return x if guide is None else guide.final(x)
 
 
-def _sample_euler_heun(evaluate: _Evaluate, x: torch.Tensor, sigmas: torch.Tensor, heun: bool, callback: StepCallback | None) -> torch.Tensor:
+def _sample_euler_heun(
+    evaluate: _Evaluate, x: torch.Tensor, sigmas: torch.Tensor, heun: bool, callback: StepCallback | None, step_start: StepStart
+) -> torch.Tensor:
     batch = x.shape[0]
     total = len(sigmas) - 1
     for i in range(total):
+        step_start(i)
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         t = torch.full((batch,), sigma * NUM_TRAIN_TIMESTEPS, dtype=torch.float32, device=x.device)
         x, v = evaluate(x, t, sigma)  # [B,C,F,H,W]
@@ -201,7 +212,9 @@ def _unipc_corrector_rhos(order: int, lambda_prev: float, lambda_s: float, lambd
     return (rho_0, b1 - rho_0)
 
 
-def _sample_unipc(evaluate: _Evaluate, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None) -> torch.Tensor:
+def _sample_unipc(
+    evaluate: _Evaluate, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None, step_start: StepStart
+) -> torch.Tensor:
     """UniPC-2 (bh2) with the corrector after every model call but the last, and order 1 at the first and
     last steps, as Wan and diffusers run it. One model call per step."""
     sigma_list = [float(s) for s in sigmas]
@@ -212,6 +225,7 @@ def _sample_unipc(evaluate: _Evaluate, x: torch.Tensor, sigmas: torch.Tensor, ca
     last_x: torch.Tensor | None = None
     last_order = 0
     for i in range(total):
+        step_start(i)
         sigma = sigma_list[i]
         # Wan's UniPC (and diffusers') hands the model whole-number timesteps: int(1000 * sigma)
         t = torch.full((batch,), float(int(sigma * NUM_TRAIN_TIMESTEPS)), dtype=torch.float32, device=x.device)

@@ -7,6 +7,11 @@ noise`` (the sampler's own initial noise, so a seed still gives one video), its 
 replaced by the known one, and the final sample holds the clean known latents. A per-frame strength
 below 1 blends (lerp) instead of replacing; strength 0 is plain text-to-video.
 
+Models trained with per-token timesteps (Wan 2.2 TI2V-5B: ``hold_clean``) see known frames of strength
+1 as Wan 2.2 does image-to-video: the clean latent at timestep 0 for the whole run, its velocity 0 (so
+every solver keeps it; its data prediction is the known latent). Frames of strength below 1 take the
+mask path above on every model.
+
 Where pixel frames land (causal Wan VAE, temporal factor ``tf`` = 4): latent frame 0 holds pixel frame 0
 alone, encoded as an image; latent frame j >= 1 holds pixel frames ``1 + tf*(j-1) .. tf*j``, encoded
 given the frames before them. Known pixel frames therefore fill whole latent frames only as a run
@@ -132,9 +137,12 @@ class KnownLatents:
                 "sample the LATENT output of the node that made the known frames"
             )
 
-    def guide(self, normalize: Callable[[torch.Tensor], torch.Tensor], noise: torch.Tensor) -> "KnownFramesGuide | None":
+    def guide(
+        self, normalize: Callable[[torch.Tensor], torch.Tensor], noise: torch.Tensor, hold_clean: bool = False
+    ) -> "KnownFramesGuide | None":
         """The sampler's guide in model space (``normalize``: raw -> model latents) for a sampling run
-        from ``noise`` ``[B,C,F',h,w]``; None when every strength is 0 (plain text-to-video)."""
+        from ``noise`` ``[B,C,F',h,w]``; None when every strength is 0 (plain text-to-video).
+        ``hold_clean``: frames of strength 1 held clean at timestep 0 (models trained so, module docstring)."""
         self.check_target(tuple(noise.shape))
         if not any(self.strengths):
             return None
@@ -143,27 +151,40 @@ class KnownLatents:
         clean[:, :, list(self.indices)] = normalize(self.latents.to(device=noise.device, dtype=noise.dtype))
         weight = torch.zeros(1, 1, frames, 1, 1, dtype=noise.dtype, device=noise.device)
         weight[0, 0, list(self.indices)] = torch.tensor(self.strengths, dtype=noise.dtype, device=noise.device).view(-1, 1, 1)
-        return KnownFramesGuide(clean.expand_as(noise), weight, noise)
+        held = (weight == 1.0) if hold_clean else torch.zeros_like(weight, dtype=torch.bool)
+        return KnownFramesGuide(clean.expand_as(noise), weight, noise, held if bool(held.any()) else None)
 
 
 @dataclass(frozen=True, eq=False)
 class KnownFramesGuide:
     """Holds known latent frames during sampling (``flow_matching.Guide``). Tensors on the sampling
     device: ``clean`` ``[B,C,F,h,w]`` known clean latents (model space, anything where unknown),
-    ``weight`` ``[1,1,F,1,1]`` strength per latent frame (0 where unknown), ``noise`` the initial noise."""
+    ``weight`` ``[1,1,F,1,1]`` strength per latent frame (0 where unknown), ``noise`` the initial noise;
+    ``held`` ``[1,1,F,1,1]`` bool, the frames held clean at timestep 0 (None: none are)."""
 
     clean: torch.Tensor
     weight: torch.Tensor
     noise: torch.Tensor
+    held: torch.Tensor | None = None
 
     def model_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Known frames re-noised to ``sigma``: exactly where strength is 1, a lerp below, x where 0."""
-        return torch.lerp(x, (1.0 - sigma) * self.clean + sigma * self.noise, self.weight)
+        """Known frames re-noised to ``sigma``: exactly where strength is 1, a lerp below, x where 0;
+        held frames clean."""
+        x = torch.lerp(x, (1.0 - sigma) * self.clean + sigma * self.noise, self.weight)
+        return x if self.held is None else torch.where(self.held, self.clean, x)
+
+    def timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The solver's timesteps ``[B]``; with held frames one per latent frame ``[B, F]``, 0 where held."""
+        if self.held is None:
+            return t
+        return t[:, None] * (~self.held.view(1, -1)).to(t.dtype)  # [B,F]
 
     def velocity(self, velocity: torch.Tensor) -> torch.Tensor:
         """The velocity of the straight path to the known latent (``noise - x0``) at known frames, so
-        every solver keeps them on that path (their data prediction is the known latent)."""
-        return torch.lerp(velocity, self.noise - self.clean, self.weight)
+        every solver keeps them on that path (their data prediction is the known latent); 0 at held
+        frames, which stay clean."""
+        velocity = torch.lerp(velocity, self.noise - self.clean, self.weight)
+        return velocity if self.held is None else velocity.masked_fill(self.held, 0.0)
 
     def final(self, x: torch.Tensor) -> torch.Tensor:
         """The clean known latents in place of the sampled ones (blended by strength)."""

@@ -3,7 +3,7 @@ from .hub import SpacetimeHubDownload
 from .long_video import SpacetimeLongVideo
 from .loaders import SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
 from .packed import SpacetimePackedSampler
-from .sampling import SpacetimeEmptyLatentVideo, SpacetimeSampler, SpacetimeTextEncode
+from .sampling import SpacetimeEmptyLatentVideo, SpacetimeExpertPair, SpacetimeSampler, SpacetimeTextEncode
 from .vae import SpacetimeVAEDecode, SpacetimeVAEEncode
 from .video_prompts import SpacetimeConnectVideos, SpacetimeExtendVideo, SpacetimeImageToVideo, SpacetimeJoinVideo
 
@@ -23,6 +23,7 @@ NODE_CLASS_MAPPINGS = {
     "SpacetimeConnectVideos": SpacetimeConnectVideos,
     "SpacetimeJoinVideo": SpacetimeJoinVideo,
     "SpacetimeLongVideo": SpacetimeLongVideo,
+    "SpacetimeExpertPair": SpacetimeExpertPair,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -41,4 +42,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SpacetimeConnectVideos": "Spacetime Connect Videos",
     "SpacetimeJoinVideo": "Spacetime Join Video",
     "SpacetimeLongVideo": "Spacetime Long Video",
+    "SpacetimeExpertPair": "Spacetime Pair Experts (Wan 2.2 A14B)",
 }

@@ -139,12 +139,28 @@ def prepare_on_device(module: torch.nn.Module, device: torch.device) -> None:
     module.to(device)
 
 
-def release(module: torch.nn.Module) -> None:
-    """After use: inside ComfyUI the model stays loaded until ComfyUI needs the room; outside it goes back
-    to the CPU so the next model has the GPU to itself."""
-    if _comfy("comfy.model_management") is not None:
+def release(module: torch.nn.Module, force: bool = False) -> None:
+    """After use: inside ComfyUI the model stays loaded until ComfyUI needs the room (with ``force``, e.g.
+    an expert handing over to the other, it is unloaded now); outside it goes back to the CPU so the next
+    model has the GPU to itself."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        patcher = _PATCHERS.get(module)
+        if force and patcher is not None:
+            _unload(mm, patcher)
         return
     module.to(offload_device())
+
+
+def _unload(mm, patcher) -> None:
+    """Unload one model from ComfyUI's loaded models now, as its ``free_memory`` does for each victim."""
+    loaded_models = mm.current_loaded_models
+    for index, loaded in enumerate(loaded_models):
+        if loaded.model is patcher:
+            if loaded.model_unload():
+                loaded_models.pop(index)
+            break
+    mm.soft_empty_cache()
 
 
 @contextlib.contextmanager
@@ -157,6 +173,40 @@ def on_device(module: torch.nn.Module, role: str = "diffusion") -> Iterator[torc
         yield device
     finally:
         release(module)
+
+
+class DeviceSlot:
+    """One module of a role on its device at a time: ``use(module)`` places it (``prepare_on_device``) and
+    releases the one placed before, so two experts need one expert's room."""
+
+    def __init__(self, role: str = "diffusion"):
+        self.device = torch_device(role)
+        self._current: torch.nn.Module | None = None
+
+    def use(self, module: torch.nn.Module) -> None:
+        if module is self._current:
+            return
+        if self._current is not None:
+            release(self._current, force=True)
+        self._current = None
+        prepare_on_device(module, self.device)
+        self._current = module
+
+    def close(self) -> None:
+        if self._current is not None:
+            release(self._current)
+            self._current = None
+
+
+@contextlib.contextmanager
+def device_slot(role: str = "diffusion") -> Iterator[DeviceSlot]:
+    """``with device_slot() as slot:`` a ``DeviceSlot``; the module it holds last is released at the end,
+    also when the block raises."""
+    slot = DeviceSlot(role)
+    try:
+        yield slot
+    finally:
+        slot.close()
 
 
 def check_interrupt() -> None:

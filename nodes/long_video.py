@@ -57,9 +57,9 @@ class SpacetimeLongVideo:
             nonlocal finished
             finished = done * steps
 
-        with comfy_glue.on_device(model.dit) as device, comfy_glue.on_device(vae.vae, "vae") as vae_device:
+        with comfy_glue.device_slot() as slot, comfy_glue.on_device(vae.vae, "vae") as vae_device:
             video = generate_long_video(
-                model, vae, positive, negative, plan, seed, settings, strength, device, vae_device,
-                on_chunk=on_chunk, on_step=lambda done, _total: progress.update(finished + done),
+                model, vae, positive, negative, plan, seed, settings, strength, slot.device, vae_device,
+                on_chunk=on_chunk, on_step=lambda done, _total: progress.update(finished + done), use=slot.use,
             )
         return (video,)

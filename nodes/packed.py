@@ -75,8 +75,9 @@ class SpacetimePackedSampler:
             )
             for index, (request, positive) in enumerate(zip(requests, positives))
         ]
-        with comfy_glue.on_device(model.dit) as device:
+        with comfy_glue.device_slot() as slot:
             latents = generate_packed(
-                model, items, settings, device, max_tokens_per_pack, comfy_glue.progress_callback("packed sampling")
+                model, items, settings, slot.device, max_tokens_per_pack, comfy_glue.progress_callback("packed sampling"),
+                use=slot.use,
             )
         return ([{"samples": latent} for latent in latents],)

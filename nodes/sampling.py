@@ -1,9 +1,9 @@
 """Text encode, empty video latent and the sampler."""
 from __future__ import annotations
 
-from ..jobs.text_to_video import empty_latent, encode_prompts, generate
+from ..jobs.text_to_video import empty_latent, encode_prompts, generate, pair_experts
 from . import comfy_glue
-from .widgets import DENOISE, FRAMES, HEIGHT, KNOWN_FRAMES, SEED, SOLVER_WIDGETS, WIDTH, size_rule, solver_rule, solver_settings, validate_inputs
+from .widgets import CFG_LOW_NOISE, DENOISE, SWITCH_STEP, FRAMES, HEIGHT, KNOWN_FRAMES, SEED, SOLVER_WIDGETS, WIDTH, size_rule, solver_rule, solver_settings, validate_inputs
 
 
 class SpacetimeTextEncode:
@@ -87,10 +87,40 @@ class SpacetimeSampler:
     def sample(self, model, positive, negative, latent, seed, steps, cfg, shift, scheduler, denoise, known_frames=None):
         settings = solver_settings(steps, cfg, shift, scheduler, denoise)
         progress = comfy_glue.Progress(steps, "sampling")
-        with comfy_glue.on_device(model.dit) as device:
+        with comfy_glue.device_slot() as slot:
             samples = generate(
-                model, positive, negative, latent["samples"], seed, settings, device,
+                model, positive, negative, latent["samples"], seed, settings, slot.device,
                 on_step=lambda done, total, _x0: progress.update(done),
-                known=None if known_frames is None else known_frames.known,
+                known=None if known_frames is None else known_frames.known, use=slot.use,
             )
         return ({**latent, "samples": samples},)
+
+
+class SpacetimeExpertPair:
+    DESCRIPTION = (
+        "Wan 2.2 A14B: pairs the high-noise and the low-noise expert into one model for one sampler. The sampler runs "
+        "the high-noise expert for the first steps and the low-noise one for the rest, switching at the published "
+        "boundary (T2V 0.875, I2V 0.900 of the noise level) for any step count; only the running expert is on the GPU."
+    )
+    CATEGORY = "spacetime/loaders"
+    RETURN_TYPES = ("SPACETIME_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "pair"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "high_noise_model": ("SPACETIME_MODEL", {"tooltip": "The high-noise expert (file name with high_noise)."}),
+                "low_noise_model": ("SPACETIME_MODEL", {"tooltip": "The low-noise expert (file name with low_noise)."}),
+                "switch_step": SWITCH_STEP,
+                "cfg_low_noise": CFG_LOW_NOISE,
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        return validate_inputs(cls, values)
+
+    def pair(self, high_noise_model, low_noise_model, switch_step: int = -1, cfg_low_noise: float = 0.0):
+        return (pair_experts(high_noise_model, low_noise_model, switch_step, cfg_low_noise),)

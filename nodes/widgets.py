@@ -19,6 +19,14 @@ SOLVER_WIDGETS = {
     "shift": ("FLOAT", {"default": 5.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "Timestep shift (Wan: 5 for 720p, 3 for 480p)."}),
     "scheduler": (list(SOLVERS), {"default": SOLVERS[0]}),
 }
+SWITCH_STEP = ("INT", {
+    "default": -1, "min": -1, "max": 1000,
+    "tooltip": "-1: switch experts at the model's published boundary (any step count). n >= 0: the high-noise expert runs the first n steps.",
+})
+CFG_LOW_NOISE = ("FLOAT", {
+    "default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+    "tooltip": "The low-noise expert's cfg; 0: the sampler's cfg for both (Wan 2.2 T2V uses 4.0 high, 3.0 low).",
+})
 DENOISE = ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "< 1 keeps part of the input latent (video-to-video)."})
 _RULES = any_vae_rules()  # the widgets' steps: every supported family's sizes are on them
 WIDTH = ("INT", {"default": 64, "min": _RULES.width_unit, "max": 8192, "step": _RULES.width_unit})
