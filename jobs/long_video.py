@@ -88,6 +88,11 @@ def generate_long_video(
     ``seed + i`` (mod 2**64)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength={strength} is not allowed: it must be between 0 and 1")
+    if model.image_channels:
+        raise ValueError(
+            f"model {model.name} is an image-to-video model: the long-video node starts from text alone; use a text-to-"
+            "video model (Wan 2.1 T2V, Wan 2.2 TI2V-5B or T2V-A14B), or chain Spacetime Extend Video nodes from an image"
+        )
     width, height = plan.width, plan.height
     video = torch.empty(plan.frames, height, width, 3)
     step_cb = None if on_step is None else (lambda done, total, _x0: on_step(done, total))

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from ..model_defs.bundles import SpacetimeConditioning, SpacetimeModel, SpacetimeTextEncoder, SpacetimeVAE
+from ..model_defs.bundles import ImageCondition, SpacetimeConditioning, SpacetimeModel, SpacetimeTextEncoder, SpacetimeVAE
 from ..model_defs.flow_matching import SolverSettings, StepCallback, StepStart, VelocityFn, guided_velocity, initial_noise, sample
 from ..model_defs.experts import ExpertSwitch, default_boundary
 from ..model_defs.known_frames import KnownLatents
@@ -41,9 +41,11 @@ def generate(
     on_step: StepCallback | None = None,
     known: KnownLatents | None = None,
     use: ModuleUse | None = None,
+    image: ImageCondition | None = None,
 ) -> torch.Tensor:
     """Sample raw latents like ``latent [B,C,F,H,W]`` (raw VAE space); ``settings.denoise < 1`` starts from
-    ``latent``; ``known`` latent frames (image/video prompts) are held in place while sampling. An expert
+    ``latent``; ``known`` latent frames (image/video prompts) are held in place while sampling, or, for an
+    image-conditioned model, ``image`` (``video_prompts.image_condition``) is its conditioning. An expert
     pair runs each expert for its steps, ``use`` placing it first."""
     model.check_latent(tuple(latent.shape))
     batch = latent.shape[0]
@@ -52,13 +54,41 @@ def generate(
 
     x0_start = model.latent_format.normalize(latent.float()).to(device)
     noise = initial_noise(tuple(latent.shape), seed).to(device)
+    if model.image_channels:
+        if image is None:
+            raise ValueError(f"model {model.name} is an image-to-video model: it needs an image (Spacetime Image To Video)")
+        known = None  # the image channels carry the given frames
     guide = None if known is None else known.guide(model.latent_format.normalize, noise, model.holds_known_frames_clean)
+    model_fn = _conditioned(image, tuple(latent.shape), device) if model.image_channels else (lambda dit: dit)
     sigmas = settings.sigmas()
     with torch.inference_mode():
         velocity, step_start = stepwise_velocity(
-            model, sigmas, settings, lambda dit, cfg: guided_velocity(dit, pos_ctx, neg_ctx, cfg), use)
+            model, sigmas, settings, lambda dit, cfg: guided_velocity(model_fn(dit), pos_ctx, neg_ctx, cfg), use)
         result = sample(velocity, x0_start, noise, sigmas, settings.scheduler, on_step, guide, step_start)
     return model.latent_format.denormalize(result).float().cpu()
+
+
+def _conditioned(image: ImageCondition, latent_shape: tuple[int, ...], device: torch.device):
+    """``model_fn(dit)``: the DiT called on the noisy latents with the image channels behind them (and its CLIP
+    features), for any batch the guidance makes."""
+    channels = image.channels.to(device)  # [1,tf+C,F',h,w]
+    if tuple(channels.shape[2:]) != tuple(latent_shape[2:]):
+        raise ValueError(
+            f"the image conditioning was made for a latent of {list(channels.shape[2:])} (frames, height, width) but the "
+            f"latent to sample is {list(latent_shape[2:])}; sample the LATENT output of the node that made the known frames"
+        )
+    clip = None if image.clip is None else image.clip.to(device)
+
+    def model_fn(dit: WanDiT):
+        def call(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            batch = x.shape[0]
+            inputs = torch.cat([x, channels.expand(batch, -1, -1, -1, -1)], dim=1)  # [B,in_dim,F',h,w]
+            image_context = None if clip is None else clip.expand(batch, -1, -1)
+            return dit(inputs, timesteps, context, image_context=image_context)
+
+        return call
+
+    return model_fn
 
 
 def pair_experts(high: SpacetimeModel, low: SpacetimeModel, switch_step: int = -1, cfg_low_noise: float = 0.0) -> SpacetimeModel:

@@ -18,17 +18,21 @@ that overlap them (their VAE reconstructions) are dropped. Sources: the Sora tec
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from ..model_defs.bundles import SpacetimeVAE
+from ..model_defs.bundles import ImageCondition, SpacetimeModel, SpacetimeVAE
+from ..model_defs.wan_image import image_condition as image_condition_channels
 from ..model_defs.known_frames import KnownLatents, KnownRun, known_latents
 from ..model_defs.sizes import describe_allowed
 from .vae_frames import ChunkCallback, encode_frames
 
 DIRECTIONS = ("forward", "backward")
+FITS = ("crop", "pad", "stretch")  # how images of another size are resized to the video's
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,11 +48,26 @@ class JoinPlan:
 
 
 @dataclass(frozen=True, eq=False)
+class GivenFrames:
+    """IMAGE frames ``[N,H,W,3]`` at their exact pixel frame index ``start`` in the video to generate."""
+
+    frames: torch.Tensor
+    start: int
+
+
+@dataclass(frozen=True, eq=False)
 class KnownFrames:
-    """SPACETIME_KNOWN_FRAMES: the known latent frames the sampler holds, and how to join the result."""
+    """SPACETIME_KNOWN_FRAMES: the known latent frames the sampler holds, and how to join the result.
+
+    For image-conditioned (I2V) models the sampler conditions on ``given`` instead: the frames as the
+    user placed them, encoded by ``vae`` into the model's image channels (``image_condition``), with
+    ``clip`` the CLIP vision features of the given images when a CLIP vision model was connected."""
 
     known: KnownLatents
     join: JoinPlan
+    given: tuple[GivenFrames, ...] = ()
+    vae: SpacetimeVAE | None = None
+    clip: torch.Tensor | None = None
 
 
 def _check_images(images: torch.Tensor, name: str) -> None:
@@ -58,11 +77,112 @@ def _check_images(images: torch.Tensor, name: str) -> None:
 
 def _prompt(
     vae: SpacetimeVAE, runs: list[KnownRun], frames: int, height: int, width: int, join: JoinPlan,
-    device: torch.device, on_chunk: ChunkCallback | None,
+    device: torch.device, on_chunk: ChunkCallback | None, given: list[GivenFrames] | None = None,
 ) -> KnownFrames:
+    """``given``: the frames at their exact places when they differ from the latent-aligned ``runs``."""
     target_shape = (vae.latent_channels, *vae.video_rules.latent_size(width, height, frames))
     encode: Callable[[torch.Tensor], torch.Tensor] = lambda images: encode_frames(vae, images.float(), device, on_chunk)
-    return KnownFrames(known_latents(encode, runs, frames, height, width, vae.temporal_factor, target_shape), join)
+    known = known_latents(encode, runs, frames, height, width, vae.temporal_factor, target_shape)
+    given = given if given is not None else [GivenFrames(run.frames, run.start) for run in runs if run.strength > 0]
+    return KnownFrames(known, join, tuple(given), vae)
+
+
+def with_clip_features(prompt: KnownFrames, clip_vision, device: torch.device) -> KnownFrames:
+    """``prompt`` with the CLIP vision features ``[n, tokens, dim]`` of its first given frame and, when another
+    frame is given later, of the last one (FLF2V models take both, I2V models the first)."""
+    if not prompt.given:
+        return prompt
+    first, last = prompt.given[0], prompt.given[-1]
+    images = [first.frames[:1]]
+    if last.start + last.frames.shape[0] - 1 > first.start:
+        images.append(last.frames[-1:])
+    features = clip_vision.encode(torch.cat(images), device)  # [n,tokens,dim]
+    return dataclasses.replace(prompt, clip=features.float().cpu())
+
+
+def check_image_prompt(model: SpacetimeModel, prompt: KnownFrames | None) -> KnownFrames:
+    """The known frames, when an image-conditioned model can take them; a one-line error naming what is missing."""
+    kind = model.config.model_type
+    if prompt is None or not prompt.given:
+        raise ValueError(
+            f"model {model.name} is an image-to-video ({kind}) model: it needs an image; connect Spacetime Image To "
+            "Video's latent and known_frames to the sampler (strength above 0)"
+        )
+    strengths = set(prompt.known.strengths) - {0.0, 1.0}
+    if strengths:
+        raise ValueError(
+            f"strength={min(strengths)} is not allowed with the image-to-video model {model.name}: its image channels "
+            "take given frames whole; allowed values: 1 (or 0 to ignore them)"
+        )
+    if prompt.vae is None:
+        raise ValueError("known_frames carry no VAE to encode the given frames; make them with a Spacetime prompt node")
+    if model.needs_clip:
+        if prompt.clip is None:
+            raise ValueError(
+                f"model {model.name} ({kind}) needs CLIP vision features of the image: connect Spacetime Load CLIP Vision "
+                "(clip_vision_h.safetensors, models/clip_vision) to Spacetime Image To Video's clip_vision input"
+            )
+        if kind == "flf2v" and prompt.clip.shape[0] < 2:
+            raise ValueError(
+                f"model {model.name} is a first-last-frame (flf2v) model: it needs a first and a last image; connect "
+                "last_image on Spacetime Image To Video"
+            )
+    return prompt
+
+
+def image_condition(
+    model: SpacetimeModel, prompt: KnownFrames | None, device: torch.device, on_chunk: ChunkCallback | None = None
+) -> ImageCondition:
+    """What an image-conditioned model takes besides its noisy latents: the given frames at their places in a
+    mid-grey video of the target's length, VAE-encoded into the model's latent space, behind the mask of the
+    known pixel frames (``wan_image.image_condition``); and the CLIP features its CLIP branch needs (the first
+    image's; FLF2V: the first and the last image's)."""
+    prompt = check_image_prompt(model, prompt)
+    frames, height, width = prompt.known.target_size
+    video = torch.full((frames, height, width, 3), 0.5)  # mid-grey, 0 in the VAE's -1..1, where nothing is given
+    known_pixels: list[int] = []
+    for given in prompt.given:
+        video[given.start: given.start + given.frames.shape[0]] = given.frames.float()
+        known_pixels += range(given.start, given.start + given.frames.shape[0])
+    raw = encode_frames(prompt.vae, video, device, on_chunk)  # [1,C,F',h,w]
+    channels = image_condition_channels(model.latent_format.normalize(raw), known_pixels, prompt.vae.temporal_factor)
+    clip = None
+    if model.needs_clip:
+        clip = prompt.clip[[0, -1]] if model.config.model_type == "flf2v" else prompt.clip[:1]  # [n,tokens,dim]
+        clip = clip.reshape(1, -1, clip.shape[-1])  # [1, n*tokens, dim]
+    return ImageCondition(channels.cpu(), clip)
+
+
+def fit_frames(images: torch.Tensor, width: int, height: int, fit: str, name: str = "image") -> torch.Tensor:
+    """IMAGE frames ``[N,H,W,3]`` at ``width`` x ``height``: ``crop`` scales to cover and cuts the middle (as
+    ComfyUI's Wan nodes do), ``pad`` scales to fit and pads with black, ``stretch`` scales each side alone;
+    aspect kept but for ``stretch``. Frames already that size are returned as they are."""
+    _check_images(images, name)
+    if fit not in FITS:
+        raise ValueError(f"resize={fit!r} is not allowed; allowed values: {list(FITS)}")
+    source_height, source_width = images.shape[1], images.shape[2]
+    if (source_height, source_width) == (height, width):
+        return images
+    pixels = images.movedim(-1, 1).float()  # [N,3,H,W]
+    if fit == "stretch":
+        scaled_size = (height, width)
+    else:
+        choose = max if fit == "crop" else min
+        scale = choose(height / source_height, width / source_width)
+        scaled_size = (max(1, round(source_height * scale)), max(1, round(source_width * scale)))
+        if fit == "crop":
+            scaled_size = (max(scaled_size[0], height), max(scaled_size[1], width))
+        else:
+            scaled_size = (min(scaled_size[0], height), min(scaled_size[1], width))
+    scaled = F.interpolate(pixels, size=scaled_size, mode="bilinear", align_corners=False, antialias=True).clamp(0.0, 1.0)
+    top, left = (scaled_size[0] - height) // 2, (scaled_size[1] - width) // 2
+    if fit == "crop":
+        scaled = scaled[:, :, top: top + height, left: left + width]
+    elif fit == "pad":
+        out = scaled.new_zeros(scaled.shape[0], 3, height, width)
+        out[:, :, -top: -top + scaled_size[0], -left: -left + scaled_size[1]] = scaled
+        scaled = out
+    return scaled.movedim(1, -1).to(images.dtype)
 
 
 def check_frame_index(frame_index: int, frames: int) -> None:
@@ -72,21 +192,40 @@ def check_frame_index(frame_index: int, frames: int) -> None:
 
 def image_to_video(
     vae: SpacetimeVAE, images: torch.Tensor, width: int, height: int, frames: int, frame_index: int, strength: float,
-    device: torch.device, on_chunk: ChunkCallback | None = None,
+    device: torch.device, on_chunk: ChunkCallback | None = None, last_image: torch.Tensor | None = None,
+    fit: str = "crop",
 ) -> KnownFrames:
     """IMAGE ``images`` ``[N,H,W,3]`` placed from ``frame_index`` of a ``frames`` x ``height`` x ``width``
-    video. One image away from frame 0 is held still over the 4 frames of the latent frame holding
-    ``frame_index`` (a latent frame there spans 4 frames)."""
+    video (and ``last_image`` ``[1,H,W,3]`` as its last frame: first and last frame to video), resized to
+    the video's size by ``fit`` (``fit_frames``). One image away from frame 0 is held still over the 4
+    frames of the latent frame holding ``frame_index`` (a latent frame there spans 4 frames); image-
+    conditioned models get it at ``frame_index`` exactly."""
     _check_images(images, "image")
-    tf = vae.temporal_factor
     vae.video_rules.check_size(width, height, frames)
     check_frame_index(frame_index, frames)
-    start = frame_index
+    images = fit_frames(images, width, height, fit)
+    runs, given = [_image_run(images, frame_index, strength, vae.temporal_factor, "image frames")], [GivenFrames(images, frame_index)]
+    if last_image is not None:
+        if last_image.ndim != 4 or last_image.shape[0] != 1:
+            raise ValueError(f"last_image must be one IMAGE [1,H,W,3], got shape {tuple(last_image.shape)}")
+        last_image = fit_frames(last_image, width, height, fit, "last_image")
+        if frame_index + images.shape[0] > frames - 1:
+            raise ValueError(
+                f"last_image goes on the last frame ({frames - 1}) but the image frames already reach it (frame_index="
+                f"{frame_index}, {images.shape[0]} frames); lower frame_index or make the video longer"
+            )
+        runs.append(_image_run(last_image, frames - 1, strength, vae.temporal_factor, "last_image"))
+        given.append(GivenFrames(last_image, frames - 1))
+    given = given if strength > 0 else []
+    return _prompt(vae, runs, frames, height, width, JoinPlan(frames, 0, frames), device, on_chunk, given)
+
+
+def _image_run(images: torch.Tensor, frame_index: int, strength: float, tf: int, label: str) -> KnownRun:
+    """Frames from ``frame_index`` as a known run; one image away from frame 0 fills the latent frame holding it."""
     if images.shape[0] == 1 and frame_index > 0:
         start = 1 + tf * ((frame_index - 1) // tf)  # first frame of the latent frame holding frame_index
-        images = images.expand(tf, -1, -1, -1)
-    run = KnownRun(images, start, strength, "image frames")
-    return _prompt(vae, [run], frames, height, width, JoinPlan(frames, 0, frames), device, on_chunk)
+        return KnownRun(images.expand(tf, -1, -1, -1), start, strength, label)
+    return KnownRun(images, frame_index, strength, label)
 
 
 def extend_video(

@@ -132,6 +132,16 @@ class SpacetimeModel:
         return out.expand(batch, -1, -1).to(device=device, dtype=self.dtype)
 
 
+@dataclass(frozen=True, eq=False)
+class ImageCondition:
+    """What an image-conditioned (I2V) DiT takes besides its noisy latents: ``channels`` ``[1, tf + C, F', h, w]``
+    (mask of the known pixel frames, then the normalized latents of the given frames; ``wan_image``), and
+    ``clip`` ``[1, tokens, dim]`` CLIP vision features for a CLIP branch (None without one)."""
+
+    channels: torch.Tensor
+    clip: torch.Tensor | None = None
+
+
 def _same_weights(a: WanDiT, b: WanDiT) -> bool:
     """Whether two DiTs hold the same weights (checked on two tensors: two experts differ everywhere)."""
     return torch.equal(a.patch_embedding.weight, b.patch_embedding.weight) and torch.equal(a.head.modulation, b.head.modulation)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..jobs.text_to_video import empty_latent, encode_prompts, generate, pair_experts
+from ..jobs.video_prompts import check_image_prompt, image_condition
 from . import comfy_glue
 from .widgets import CFG_LOW_NOISE, DENOISE, SWITCH_STEP, FRAMES, HEIGHT, KNOWN_FRAMES, SEED, SOLVER_WIDGETS, WIDTH, size_rule, solver_rule, solver_settings, validate_inputs
 
@@ -86,12 +87,17 @@ class SpacetimeSampler:
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, shift, scheduler, denoise, known_frames=None):
         settings = solver_settings(steps, cfg, shift, scheduler, denoise)
+        image = None
+        if model.image_channels:  # an image-to-video model: the known frames through its own image channels
+            check_image_prompt(model, known_frames)
+            with comfy_glue.on_device(known_frames.vae.vae, "vae") as vae_device:
+                image = image_condition(model, known_frames, vae_device, comfy_glue.progress_callback("encoding"))
         progress = comfy_glue.Progress(steps, "sampling")
         with comfy_glue.device_slot() as slot:
             samples = generate(
                 model, positive, negative, latent["samples"], seed, settings, slot.device,
                 on_step=lambda done, total, _x0: progress.update(done),
-                known=None if known_frames is None else known_frames.known, use=slot.use,
+                known=None if known_frames is None else known_frames.known, use=slot.use, image=image,
             )
         return ({**latent, "samples": samples},)
 

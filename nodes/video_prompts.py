@@ -3,9 +3,9 @@ result with the given clips. Each prompt node gives the LATENT to sample and the
 (SPACETIME_KNOWN_FRAMES) for the sampler's ``known_frames`` input."""
 from __future__ import annotations
 
-from ..jobs.video_prompts import DIRECTIONS, check_frame_index, connect_videos, extend_video, image_to_video, join_video
+from ..jobs.video_prompts import DIRECTIONS, FITS, check_frame_index, connect_videos, extend_video, image_to_video, join_video, with_clip_features
 from . import comfy_glue
-from .widgets import FRAMES, HEIGHT, KNOWN_FRAMES, STRENGTH, WIDTH, literal_values, size_rule, validate_inputs
+from .widgets import CLIP_VISION, FRAMES, HEIGHT, KNOWN_FRAMES, STRENGTH, WIDTH, literal_values, size_rule, validate_inputs
 
 
 
@@ -25,7 +25,9 @@ class SpacetimeImageToVideo:
         "Places IMAGE frames in the video to generate, from frame_index on. At frame 0: 1, 5, 9, ... frames, the "
         "first one exactly as given. A single image elsewhere is held still for the 4 frames of the latent frame "
         "holding frame_index (4k-3 to 4k); several frames elsewhere start at frame 1, 5, 9, ... and number 4, 8, "
-        "... The image must have the video's width and height."
+        "... Images of another size are resized to the video's (resize: crop, pad or stretch). last_image: first and "
+        "last frame to video. Image-conditioned models (Wan I2V, FLF2V, 2.2 I2V) take the images through their own "
+        "image channels; Wan 2.1 I2V/FLF2V also need clip_vision."
     )
     CATEGORY = "spacetime/conditioning"
     RETURN_TYPES = ("LATENT", KNOWN_FRAMES)
@@ -43,15 +45,25 @@ class SpacetimeImageToVideo:
                 "frames": FRAMES,
                 "frame_index": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": "Where the image goes: 0 = first frame, frames - 1 = last."}),
                 "strength": STRENGTH,
-            }
+            },
+            "optional": {
+                "last_image": ("IMAGE", {"tooltip": "The video's last frame (first and last frame to video)."}),
+                "clip_vision": (CLIP_VISION, {"tooltip": "Spacetime Load CLIP Vision (clip_vision_h.safetensors): Wan 2.1 I2V and FLF2V need it; other models ignore it."}),
+                "resize": (list(FITS), {"default": FITS[0], "tooltip": "Images of another size than the video: crop (cover, cut the middle), pad (fit, black bars) or stretch."}),
+            },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, **values):
         return validate_inputs(cls, values, size_rule, _frame_index_rule)
 
-    def place(self, vae, image, width, height, frames, frame_index, strength):
-        return _encoded(vae, lambda device, cb: image_to_video(vae, image, width, height, frames, frame_index, strength, device, cb))
+    def place(self, vae, image, width, height, frames, frame_index, strength, last_image=None, clip_vision=None, resize=FITS[0]):
+        latent, prompt = _encoded(vae, lambda device, cb: image_to_video(
+            vae, image, width, height, frames, frame_index, strength, device, cb, last_image, resize))
+        if clip_vision is not None and prompt.given:
+            with comfy_glue.on_device(clip_vision.model, "text_encoder") as device:
+                prompt = with_clip_features(prompt, clip_vision, device)
+        return latent, prompt
 
 
 class SpacetimeExtendVideo:

@@ -10,6 +10,7 @@ from ..model_defs.flow_matching import SOLVERS, SolverSettings
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 KNOWN_FRAMES = "SPACETIME_KNOWN_FRAMES"
+CLIP_VISION = "SPACETIME_CLIP_VISION"
 
 SEED = ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True})
 # The solver settings every sampler node offers, in this order.

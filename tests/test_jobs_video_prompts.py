@@ -12,6 +12,7 @@ from comfyui_spacetime.model_defs.known_frames import MID_RUN_LEAD_IN, KnownLate
 from comfyui_spacetime.model_defs.sizes import latent_frame_of, pixel_frames_of
 from comfyui_spacetime.model_defs.flow_matching import SOLVERS, initial_noise, sample, sampling_sigmas
 from comfyui_spacetime.jobs.vae_frames import decode_frames, encode_frames
+from comfyui_spacetime.jobs.video_prompts import fit_frames
 from comfyui_spacetime.model_defs.text_encoders import EncodedText
 from comfyui_spacetime.nodes.sampling import SpacetimeEmptyLatentVideo, SpacetimeSampler
 from comfyui_spacetime.nodes.vae import SpacetimeVAEDecode
@@ -277,9 +278,28 @@ def test_image_to_video_output_starts_with_the_image_at_30_db(built_in):
 
 # ---------------------------------------------------------------- bad inputs
 
-def test_image_larger_than_the_video_names_both_sizes(built_in):
-    with pytest.raises(ValueError, match=r"image frames are 64x48 \(width x height\) but the video to generate is 32x32"):
-        SpacetimeImageToVideo().place(built_in[1], torch.zeros(1, 48, 64, 3), 32, 32, 9, 0, 1.0)
+def test_images_of_another_size_are_fitted_to_the_video():
+    """crop covers and cuts the middle (ComfyUI's Wan nodes' way), pad fits and pads black, stretch scales each
+    side; the aspect ratio is kept but for stretch."""
+    image = torch.zeros(1, 48, 96, 3)  # 2:1, left half red, right half blue
+    image[:, :, :48, 0] = 1.0
+    image[:, :, 48:, 2] = 1.0
+    crop = fit_frames(image, 32, 32, "crop")  # scaled to 32x64, the middle 32 columns kept
+    assert crop.shape == (1, 32, 32, 3)
+    assert crop[0, :, :14, 0].min() > 0.99 and crop[0, :, 18:, 2].min() > 0.99
+    pad = fit_frames(image, 32, 32, "pad")  # scaled to 16x32, black bars of 8 rows above and below
+    assert pad.shape == (1, 32, 32, 3)
+    assert pad[0, :8].max() == 0 and pad[0, 24:].max() == 0 and pad[0, 8:24, :14, 0].min() > 0.99
+    stretch = fit_frames(image, 32, 32, "stretch")
+    assert stretch[0, :, :15, 0].min() > 0.99 and stretch[0, :, 17:, 2].min() > 0.99
+    assert fit_frames(image, 96, 48, "crop") is image
+    with pytest.raises(ValueError, match=r"resize='zoom' is not allowed; allowed values: \['crop', 'pad', 'stretch'\]"):
+        fit_frames(image, 32, 32, "zoom")
+
+
+def test_image_larger_than_the_video_is_fitted_and_too_many_frames_named(built_in):
+    _latent, prompt = SpacetimeImageToVideo().place(built_in[1], torch.rand(1, 48, 64, 3), 32, 32, 9, 0, 1.0)
+    assert prompt.given[0].frames.shape == (1, 32, 32, 3) and prompt.known.indices == (0,)
     with pytest.raises(ValueError, match=r"image frames: 13 frames from frame 0 end at frame 12, after the video's last frame 8; the video has 9 frames"):
         SpacetimeImageToVideo().place(built_in[1], torch.zeros(13, 32, 32, 3), 32, 32, 9, 0, 1.0)
 
