@@ -60,6 +60,18 @@ class SpacetimeModel:
         """The dtype the DiT computes in."""
         return self.dit.patch_embedding.weight.dtype
 
+    @property
+    def needs_clip(self) -> bool:
+        """Whether the DiT has a CLIP image branch (Wan 2.1 I2V/FLF2V): its forward needs ``image_context``,
+        the CLIP vision features of the conditioning frame(s)."""
+        return self.config.clip_branch
+
+    @property
+    def image_channels(self) -> int:
+        """Conditioning channels (mask + image latents, ``wan_image.image_condition``) the DiT takes after the
+        noisy latents: in_dim - out_dim for image-to-video models (20 for Wan's 36-channel ones), 0 otherwise."""
+        return self.config.image_channels
+
     def check_latent(self, latent_shape: tuple[int, ...], what: str = "latent") -> tuple[int, int, int]:
         """The patch grid of a latent ``[B,C,T',h,w]`` this DiT can sample; ValueError saying what is wrong."""
         if len(latent_shape) != 5:
