@@ -140,3 +140,48 @@ def test_real_i2v_sizes():
     assert abs(sizes["wan2.1-i2v-14b"] - 16.39) < 0.01  # Wan 2.1 I2V-14B's published 16.4B
     assert 0 < sizes["wan2.1-flf2v-14b"] - sizes["wan2.1-i2v-14b"] < 0.001  # + 514 x 1280 positions
     assert abs(sizes["wan2.2-i2v-a14b"] - 14.29) < 0.01  # each expert: Wan 2.1 T2V-14B + 20 input channels
+
+
+@pytest.fixture(scope="module")
+def i2v_pipeline():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[False, True, True]).eval()
+    return WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler())
+
+
+@pytest.mark.parametrize("frames, last, batch", [(9, False, 1), (13, True, 2), (1, False, 1), (5, True, 1)])
+def test_conditioning_channels_match_diffusers(i2v_pipeline, frames, last, batch):
+    pipe, height, width = i2v_pipeline, 16, 24
+    generator = torch.Generator().manual_seed(2)
+    first_image = torch.rand(1, 3, height, width, generator=generator) * 2 - 1
+    last_image = torch.rand(1, 3, height, width, generator=generator) * 2 - 1 if last else None
+    with torch.no_grad():
+        _, expected = pipe.prepare_latents(first_image, batch, 16, height, width, frames, torch.float32, torch.device("cpu"),
+                                           generator=torch.Generator().manual_seed(3), last_image=last_image)
+        # the caller's part: the conditioning video (known frames, zeros elsewhere), VAE-encoded and normalized
+        video = torch.zeros(1, 3, frames, height, width)
+        video[:, :, 0] = first_image
+        if last:
+            video[:, :, -1] = last_image
+        raw = pipe.vae.encode(video).latent_dist.mode()
+        config = pipe.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, 16, 1, 1, 1)
+        std = torch.tensor(config.latents_std).view(1, 16, 1, 1, 1)
+        latents = ((raw - mean) / std).expand(batch, -1, -1, -1, -1)
+    actual = image_condition(latents, [0, -1] if last else [0], temporal_factor=4)
+    assert actual.shape == expected.shape == (batch, 20, 1 + (frames - 1) // 4, height // 8, width // 8)
+    assert torch.equal(actual[:, :4], expected[:, :4])  # the mask exactly; the latents differ in rounding only
+    error = (actual - expected).abs().max().item()  # diffusers multiplies by 1/std
+    print(f"conditioning {frames} frames, last={last}: max abs error {error:.1e}")
+    assert error <= 1e-6
+
+
+def test_conditioning_mask_of_any_known_frames():
+    latents = torch.zeros(1, 16, 3, 2, 2)  # 9 pixel frames: latent frame 0 <- frame 0; 1 <- 1..4; 2 <- 5..8
+    mask = image_condition(latents, [0, 2, 8], temporal_factor=4)[0, :4, :, 0, 0]  # [4 channels, 3 latent frames]
+    assert mask.t().tolist() == [[1, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 1]]
+    with pytest.raises(ValueError, match=r"^known_frames: frame 9 is outside the video of 9 frames \(allowed: 0\.\.8"):
+        image_condition(latents, [9], temporal_factor=4)
