@@ -6,6 +6,7 @@ node needs to validate its inputs without reaching into the module.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from .sizes import SPATIAL_PATCH, SizeRules, patch_grid
 from .text_encoders import EncodedText
 from .wan_dit import WanDiT
 from .wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig
+
+if TYPE_CHECKING:  # clip_vision reads files through checkpoint, which imports this module
+    from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,6 +145,38 @@ class SpacetimeVAE:
     def video_rules(self) -> SizeRules:
         """What a video to generate must be: its latent also cut into the DiTs' spatial patches."""
         return self.frame_rules.with_patch((1, SPATIAL_PATCH, SPATIAL_PATCH))
+
+
+@dataclass(frozen=True, eq=False)
+class SpacetimeClipVision:
+    """SPACETIME_CLIP_VISION: a CLIP vision encoder whose penultimate features are the image context of the
+    Wan 2.1 I2V/FLF2V DiTs (``SpacetimeModel.needs_clip``)."""
+
+    encoder: "ClipVisionEncoder"
+    name: str
+
+    @property
+    def config(self) -> "ClipVisionConfig":
+        return self.encoder.config
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of each feature token (1280 for ViT-H; the DiT's ``image_dim``)."""
+        return self.encoder.config.hidden_size
+
+    @property
+    def tokens(self) -> int:
+        """Feature tokens per image (257 for ViT-H/14)."""
+        return self.encoder.config.tokens
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    def encode(self, images: torch.Tensor, crop: bool = True) -> torch.Tensor:
+        """IMAGE frames ``[N,H,W,3]`` in 0..1 -> features ``[N, tokens, feature_dim]`` fp32 on the encoder's
+        device; ``crop``: center crop to a square (ComfyUI's default) or resize the whole frame (Wan's way)."""
+        return self.encoder.encode(images, crop)
 
 
 @dataclass(frozen=True, eq=False)

@@ -38,6 +38,7 @@ FAMILY_MARKERS = {
     "Wan DiT (diffusers layout)": ("condition_embedder.time_embedder.linear_1.weight",),
     "Wan VAE": ("encoder.conv1.weight", "decoder.conv1.weight"),
     "Wan VAE (diffusers layout)": ("encoder.conv_in.weight", "quant_conv.weight"),
+    "CLIP vision model": ("vision_model.embeddings.patch_embedding.weight", "visual.transformer.resblocks.0.attn.in_proj_weight"),
     "umT5 text encoder": ("encoder.block.0.layer.0.SelfAttention.q.weight", "shared.weight"),
     "Stable Diffusion UNet": ("input_blocks.0.0.weight",),
     "Flux / MMDiT": ("double_blocks.0.img_attn.qkv.weight", "joint_blocks.0.x_block.attn.qkv.weight"),
