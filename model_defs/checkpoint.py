@@ -227,7 +227,8 @@ def latent_format_for(config: WanDiTConfig, metadata: dict[str, str], name: str)
 
 
 def load_model(path: str | Path, dtype: torch.dtype, backend: KernelBackend) -> SpacetimeModel:
-    """SPACETIME_MODEL from a Wan DiT file (original or ComfyUI layout)."""
+    """SPACETIME_MODEL from a Wan DiT file (original, ComfyUI or diffusers layout): text-to-video, or image-to-video
+    (Wan 2.1 I2V / FLF2V with their CLIP branch, Wan 2.2 I2V), the kind told from the keys."""
     name = Path(path).name
     state_dict, metadata = read_family(path, dtype, "Wan DiT", "Wan DiT (diffusion model)", convert_diffusers_dit_state_dict)
     stored = _config_from_metadata(metadata, META_DIT_CONFIG)

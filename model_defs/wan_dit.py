@@ -2,8 +2,9 @@
 
 Source: Wan-Video/Wan2.1 `wan/modules/model.py` (architecture and parameter names, which the original and
 ComfyUI-repackaged checkpoints use). Block: AdaLN modulation from the timestep -> self-attention with
-q/k RMSNorm and 3D RoPE -> cross-attention to text (and, for Wan 2.1 I2V/FLF2V, to CLIP image tokens: `wan_image`) -> gated FFN. Precision policy: parameters in the load
-dtype; timestep embedding, modulation and norm statistics in fp32 (as Wan does).
+q/k RMSNorm and 3D RoPE -> cross-attention to text (and, for Wan 2.1 I2V/FLF2V, to CLIP image tokens:
+`wan_image`) -> gated FFN. Precision policy: parameters in the load dtype; timestep embedding, modulation
+and norm statistics in fp32 (as Wan does).
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from .layers import config_from_dict, patchify, rope_3d_tables, sinusoidal_embed
 from .sizes import patch_grid
 from .token_layouts import DenseLayout, Pack, PackedLayout, PackedText, TokenLayout, make_pack, pack_text
 from .wan_image import ImageEmbedding, check_image_context
-
 
 MODEL_TYPES = ("t2v", "i2v", "flf2v")
 
