@@ -6,6 +6,7 @@ node needs to validate its inputs without reaching into the module.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +15,9 @@ from .sizes import SPATIAL_PATCH, SizeRules, patch_grid
 from .text_encoders import EncodedText
 from .wan_dit import WanDiT
 from .wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig
+
+if TYPE_CHECKING:  # clip_vision reads files through checkpoint, which imports this module
+    from .clip_vision import ClipVisionConfig, ClipVisionEncoder
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,14 +103,26 @@ class SpacetimeModel:
         """The dtype the DiT computes in."""
         return self.dit.patch_embedding.weight.dtype
 
+    @property
+    def needs_clip(self) -> bool:
+        """Whether the DiT has a CLIP image branch (Wan 2.1 I2V/FLF2V): its forward needs ``image_context``,
+        the CLIP vision features of the conditioning frame(s)."""
+        return self.config.clip_branch
+
+    @property
+    def image_channels(self) -> int:
+        """Conditioning channels (mask + image latents, ``wan_image.image_condition``) the DiT takes after the
+        noisy latents: in_dim - out_dim for image-to-video models (20 for Wan's 36-channel ones), 0 otherwise."""
+        return self.config.image_channels
+
     def check_latent(self, latent_shape: tuple[int, ...], what: str = "latent") -> tuple[int, int, int]:
         """The patch grid of a latent ``[B,C,T',h,w]`` this DiT can sample; ValueError saying what is wrong."""
         if len(latent_shape) != 5:
             raise ValueError(f"{what} must be a video latent [B,C,T,H,W], got shape {tuple(latent_shape)}")
-        if latent_shape[1] != self.config.in_dim:
+        if latent_shape[1] != self.config.out_dim:
             raise ValueError(
-                f"{what} has {latent_shape[1]} channels but model {self.name} takes {self.config.in_dim}; "
-                "use the VAE that matches the model"
+                f"{what} has {latent_shape[1]} channels but model {self.name} samples {self.config.out_dim}-channel "
+                f"latents ({_vae_for(self.config.out_dim)}); use the VAE that matches the model"
             )
         try:
             return patch_grid(latent_shape, self.config.patch_size)
@@ -140,6 +156,12 @@ class ImageCondition:
 
     channels: torch.Tensor
     clip: torch.Tensor | None = None
+
+
+def _vae_for(channels: int) -> str:
+    """The VAE family whose latents have ``channels`` channels, for messages."""
+    return next((f"the {name} VAE's" for name, config in VAE_PRESETS.items() if config.z_dim == channels and name != "tiny"),
+                f"{channels} channels")
 
 
 def _same_weights(a: WanDiT, b: WanDiT) -> bool:
@@ -183,6 +205,38 @@ class SpacetimeVAE:
     def video_rules(self) -> SizeRules:
         """What a video to generate must be: its latent also cut into the DiTs' spatial patches."""
         return self.frame_rules.with_patch((1, SPATIAL_PATCH, SPATIAL_PATCH))
+
+
+@dataclass(frozen=True, eq=False)
+class SpacetimeClipVision:
+    """SPACETIME_CLIP_VISION: a CLIP vision encoder whose penultimate features are the image context of the
+    Wan 2.1 I2V/FLF2V DiTs (``SpacetimeModel.needs_clip``)."""
+
+    encoder: "ClipVisionEncoder"
+    name: str
+
+    @property
+    def config(self) -> "ClipVisionConfig":
+        return self.encoder.config
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of each feature token (1280 for ViT-H; the DiT's ``image_dim``)."""
+        return self.encoder.config.hidden_size
+
+    @property
+    def tokens(self) -> int:
+        """Feature tokens per image (257 for ViT-H/14)."""
+        return self.encoder.config.tokens
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    def encode(self, images: torch.Tensor, crop: bool = True) -> torch.Tensor:
+        """IMAGE frames ``[N,H,W,3]`` in 0..1 -> features ``[N, tokens, feature_dim]`` fp32 on the encoder's
+        device; ``crop``: center crop to a square (ComfyUI's default) or resize the whole frame (Wan's way)."""
+        return self.encoder.encode(images, crop)
 
 
 @dataclass(frozen=True, eq=False)

@@ -38,6 +38,7 @@ FAMILY_MARKERS = {
     "Wan DiT (diffusers layout)": ("condition_embedder.time_embedder.linear_1.weight",),
     "Wan VAE": ("encoder.conv1.weight", "decoder.conv1.weight"),
     "Wan VAE (diffusers layout)": ("encoder.conv_in.weight", "quant_conv.weight"),
+    "CLIP vision model": ("vision_model.embeddings.patch_embedding.weight", "visual.transformer.resblocks.0.attn.in_proj_weight"),
     "umT5 text encoder": ("encoder.block.0.layer.0.SelfAttention.q.weight", "shared.weight"),
     "Stable Diffusion UNet": ("input_blocks.0.0.weight",),
     "Flux / MMDiT": ("double_blocks.0.img_attn.qkv.weight", "joint_blocks.0.x_block.attn.qkv.weight"),
@@ -226,7 +227,8 @@ def latent_format_for(config: WanDiTConfig, metadata: dict[str, str], name: str)
 
 
 def load_model(path: str | Path, dtype: torch.dtype, backend: KernelBackend) -> SpacetimeModel:
-    """SPACETIME_MODEL from a Wan DiT file (original or ComfyUI layout)."""
+    """SPACETIME_MODEL from a Wan DiT file (original, ComfyUI or diffusers layout): text-to-video, or image-to-video
+    (Wan 2.1 I2V / FLF2V with their CLIP branch, Wan 2.2 I2V), the kind told from the keys."""
     name = Path(path).name
     state_dict, metadata = read_family(path, dtype, "Wan DiT", "Wan DiT (diffusion model)", convert_diffusers_dit_state_dict)
     stored = _config_from_metadata(metadata, META_DIT_CONFIG)

@@ -1,9 +1,10 @@
-"""Wan 2.1 diffusion transformer (DiT) over spacetime patches.
+"""Wan 2.1 / 2.2 diffusion transformer (DiT) over spacetime patches, text- and image-to-video.
 
 Source: Wan-Video/Wan2.1 `wan/modules/model.py` (architecture and parameter names, which the original and
 ComfyUI-repackaged checkpoints use). Block: AdaLN modulation from the timestep -> self-attention with
-q/k RMSNorm and 3D RoPE -> cross-attention to text -> gated FFN. Precision policy: parameters in the load
-dtype; timestep embedding, modulation and norm statistics in fp32 (as Wan does).
+q/k RMSNorm and 3D RoPE -> cross-attention to text (and, for Wan 2.1 I2V/FLF2V, to CLIP image tokens:
+`wan_image`) -> gated FFN. Precision policy: parameters in the load dtype; timestep embedding, modulation
+and norm statistics in fp32 (as Wan does).
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from ..kernels import KernelBackend, get_backend
 from .layers import config_from_dict, patchify, rope_3d_tables, sinusoidal_embedding, unpatchify
 from .sizes import patch_grid
 from .token_layouts import DenseLayout, Pack, PackedLayout, PackedText, TokenLayout, make_pack, pack_text
+from .wan_image import ImageEmbedding, check_image_context
+
+MODEL_TYPES = ("t2v", "i2v", "flf2v", "ti2v")
 
 
 @dataclass(frozen=True)
@@ -37,12 +41,29 @@ class WanDiTConfig:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
     cross_attn_norm: bool = True
-    model_type: str = "t2v"  # "t2v" | "i2v": i2v adds image channels (in_dim 36) and CLIP image context
-    image_dim: int = 1280  # CLIP ViT-H feature size, used when model_type == "i2v"
+    # "t2v"; "i2v": conditioning channels concatenated to the latents (in_dim = out_dim + 4 mask + out_dim image
+    # latents); "flf2v": i2v for a first and a last frame, whose CLIP tokens get learned positions (img_emb.emb_pos);
+    # "ti2v": Wan 2.2 TI2V-5B, a t2v architecture trained with per-token timesteps (a known first frame at 0)
+    model_type: str = "t2v"
+    clip_branch: bool = False  # CLIP image branch: img_emb + k_img/v_img (Wan 2.1 I2V/FLF2V; Wan 2.2 I2V has none)
+    image_dim: int = 1280  # CLIP ViT-H feature size, used when clip_branch
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r} is not allowed; allowed values: {list(MODEL_TYPES)}")
+        if self.model_type == "flf2v" and not self.clip_branch:
+            raise ValueError("model_type='flf2v' needs clip_branch=True (its first/last-frame CLIP tokens have learned positions)")
+        if self.model_type in ("t2v", "ti2v") and self.clip_branch:
+            raise ValueError(f"clip_branch=True needs model_type 'i2v' or 'flf2v'; a {self.model_type!r} Wan DiT has no image branch")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def image_channels(self) -> int:
+        """Conditioning channels the caller concatenates after the noisy latents (0 for text-to-video)."""
+        return self.in_dim - self.out_dim if self.model_type in ("i2v", "flf2v") else 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,6 +112,26 @@ class WanAttention(nn.Module):
         return self.o(attend(q, k, v, self.num_heads))  # [.., Sq, C]
 
 
+class WanImageCrossAttention(WanAttention):
+    """Cross-attention of the CLIP image branch (Wan 2.1 I2V/FLF2V): ``context`` is the image tokens followed by
+    the ``text_len`` text tokens; q attends to each separately (the image ones through ``k_img``, ``v_img``,
+    ``norm_k_img``) and the two results are summed before the output projection."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, backend: KernelBackend, text_len: int):
+        super().__init__(dim, num_heads, eps, backend)
+        self.text_len = text_len
+        self.k_img = nn.Linear(dim, dim)
+        self.v_img = nn.Linear(dim, dim)
+        self.norm_k_img = RMSNorm(dim, eps, backend)
+
+    def forward(self, x: torch.Tensor, attend: Callable[..., torch.Tensor], context: torch.Tensor | None = None) -> torch.Tensor:
+        image, text = context[:, : -self.text_len], context[:, -self.text_len :]  # [B,Li,C], [B,L,C]
+        q = self.norm_q(self.q(x))  # [B,S,C]
+        out = attend(q, self.norm_k(self.k(text)), self.v(text), self.num_heads)  # [B,S,C]
+        out_image = attend(q, self.norm_k_img(self.k_img(image)), self.v_img(image), self.num_heads)  # [B,S,C]
+        return self.o(out + out_image)  # [B,S,C]
+
+
 class WanBlock(nn.Module):
     def __init__(self, config: WanDiTConfig, backend: KernelBackend):
         super().__init__()
@@ -100,7 +141,10 @@ class WanBlock(nn.Module):
         self.norm3 = (
             nn.LayerNorm(dim, eps=config.eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
         )
-        self.cross_attn = WanAttention(dim, config.num_heads, config.eps, backend)
+        if config.clip_branch:
+            self.cross_attn = WanImageCrossAttention(dim, config.num_heads, config.eps, backend, config.text_len)
+        else:
+            self.cross_attn = WanAttention(dim, config.num_heads, config.eps, backend)
         self.ffn = _gelu_mlp(dim, config.ffn_dim, dim)
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self._modulate = backend.layer_norm_modulate
@@ -139,13 +183,6 @@ class WanDiT(nn.Module):
 
     def __init__(self, config: WanDiTConfig, backend: KernelBackend | None = None):
         super().__init__()
-        if config.model_type not in ("t2v", "i2v"):
-            raise ValueError(f"model_type must be 't2v' or 'i2v', got {config.model_type!r}")
-        if config.model_type == "i2v":
-            raise NotImplementedError(
-                "Wan image-to-video (I2V) DiTs are not supported yet (they need CLIP image conditioning); "
-                "use a text-to-video (T2V) model"
-            )
         backend = backend or get_backend()
         self.config = config
         self.backend = backend  # the resolved kernels; the token layouts attend with them
@@ -155,6 +192,7 @@ class WanDiT(nn.Module):
         self.text_embedding = _gelu_mlp(config.text_dim, dim, dim)
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.img_emb = ImageEmbedding(config.image_dim, dim, config.model_type == "flf2v") if config.clip_branch else None
         self.blocks = nn.ModuleList(WanBlock(config, backend) for _ in range(config.num_layers))
         self.head = WanHead(config, backend)
 
@@ -179,10 +217,15 @@ class WanDiT(nn.Module):
             if zero_head:
                 self.head.head.weight.zero_()
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, image_context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Velocity ``[B,Cout,F,H,W]`` fp32 for latents ``[B,Cin,F,H,W]`` at timesteps ``[B]`` (0..1000), or
-        ``[B,F']`` one per latent frame (per-token timesteps, as Wan 2.2 TI2V), given context
-        ``[B,L,text_dim]`` (zero-padded text, attended to whole as Wan does)."""
+        ``[B,F']`` one per latent frame (per-token timesteps, as Wan 2.2 TI2V), given context ``[B,L,text_dim]``
+        (zero-padded text, attended to whole as Wan does). Image-to-video models take their conditioning
+        channels inside ``latents`` (``image_condition``), and the CLIP branch's ``image_context``
+        ``[B, 257 (i2v) or 514 (flf2v: first then last frame), image_dim]`` (penultimate CLIP ViT-H features)."""
+        check_image_context(self.config, latents.shape[0], context, image_context)
         cfg = self.config
         grid = patch_grid(latents.shape, cfg.patch_size)  # (F', H', W')
         per_frame = timesteps.ndim == 2
@@ -195,13 +238,15 @@ class WanDiT(nn.Module):
         x = rearrange(x, "b c f h w -> b (f h w) c")  # [B,S,C]
         rope = rope_3d_tables(grid, cfg.head_dim, device=latents.device)
         layout = DenseLayout(self.backend, rope, grid if per_frame else None)
-        x = self._transformer(x, timesteps.flatten(), context, layout)  # [B,S,pt*ph*pw*Cout]
+        x = self._transformer(x, timesteps.flatten(), context, layout, image_context)  # [B,S,pt*ph*pw*Cout]
         return unpatchify(x.float(), grid, cfg.patch_size)  # [B,Cout,F,H,W]
 
     def forward_packed(self, pack: Pack, tokens: torch.Tensor, timesteps: torch.Tensor, text: PackedText) -> torch.Tensor:
         """The DiT on a pack: tokens ``[T, pt*ph*pw*in_dim]`` (``patchify`` order), timesteps ``[N]`` (0..1000,
         one per sequence) or ``[pack.num_frames]`` (one per latent frame, sequences in order), text packed
         ``[Tk, text_dim]`` -> velocity patch vectors ``[T, pt*ph*pw*out_dim]`` fp32."""
+        if self.config.clip_branch:
+            raise ValueError("packing is not supported for image-conditioned (CLIP) Wan models; use the Spacetime Sampler")
         total = sum(pack.lengths)
         if tokens.ndim != 2 or tokens.shape[0] != total:
             raise ValueError(f"tokens must be [{total}, P] for this pack, got {tuple(tokens.shape)}")
@@ -224,6 +269,8 @@ class WanDiT(nn.Module):
         ``[N]`` (or ``[sum F_i']``, one per latent frame of every video in order), contexts ``[N, L, text_dim]``
         -> N velocities ``[out_dim, F_i, H_i, W_i]`` fp32, each what ``self(latents[i][None], its timesteps,
         contexts[i:i+1])[0]`` gives."""
+        if self.config.clip_branch:
+            raise ValueError("packing is not supported for image-conditioned (CLIP) Wan models; use the Spacetime Sampler")
         if len(latents) != contexts.shape[0]:
             raise ValueError(f"{len(latents)} latents need as many contexts, got {contexts.shape[0]}")
         patch = self.config.patch_size
@@ -233,25 +280,37 @@ class WanDiT(nn.Module):
         out = self.forward_packed(pack, tokens, timesteps, pack_text(contexts))  # [T,P']
         return [unpatchify(part, grid, patch) for part, grid in zip(out.split(pack.lengths), grids)]
 
-    def _transformer(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def _transformer(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, layout: TokenLayout,
+        image_context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Embedded tokens x (``[B,S,C]`` dense, ``[1,T,C]`` packed) through the blocks and the head;
-        ``timesteps`` ``[N]``, one per modulation row of the layout (sample, sequence or latent frame)."""
+        ``timesteps`` ``[N]``, one per modulation row of the layout (sample, sequence or latent frame). The
+        CLIP tokens ``image_context`` (dense only) are embedded and put before the text tokens, as Wan does."""
         cfg = self.config
         dtype = self.patch_embedding.weight.dtype
         time_emb = self.time_embedding(sinusoidal_embedding(timesteps, cfg.freq_dim).to(dtype)).float()  # [N,C]
         time_mod = self.time_projection(time_emb.to(dtype)).float().unflatten(1, (6, cfg.dim))  # [N,6,C]
         ctx = self.text_embedding(context.to(dtype))  # [B,L,C] or [1,Tk,C]
+        if image_context is not None:
+            ctx = torch.cat([self.img_emb(image_context.to(dtype)), ctx], dim=1)  # [B,Li+L,C]
         for block in self.blocks:
             x = block(x, time_mod, ctx, layout)  # like x
         return self.head(x, time_emb, layout)  # [.., pt*ph*pw*Cout]
 
 
-# Published configs (Wan 2.1 `wan/configs/`, Wan 2.2 TI2V-5B) and the built-in tiny model's.
+# Published configs (Wan 2.1 `wan/configs/`, Wan 2.2 A14B (each of its two experts) and TI2V-5B) and the built-in
+# tiny model's. Presets of equal shapes keep the 2.1 one first: detection of a single file names it.
 DIT_PRESETS: dict[str, WanDiTConfig] = {
     "wan2.1-t2v-1.3b": WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "wan2.1-t2v-14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-    "wan2.1-i2v-14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, model_type="i2v"),
-    "wan2.2-ti2v-5b": WanDiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
+    "wan2.2-t2v-a14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),  # shapes of 2.1's 14B
+    "wan2.1-i2v-14b": WanDiTConfig(  # 480p and 720p alike
+        dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, model_type="i2v", clip_branch=True),
+    "wan2.1-flf2v-14b": WanDiTConfig(
+        dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, model_type="flf2v", clip_branch=True),
+    "wan2.2-i2v-a14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, model_type="i2v"),
+    "wan2.2-ti2v-5b": WanDiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48, model_type="ti2v"),
     "builtin-tiny": WanDiTConfig(
         dim=192, ffn_dim=512, freq_dim=64, text_dim=384, text_len=32, num_heads=3, num_layers=6
     ),

@@ -64,6 +64,8 @@ _IN_BLOCK = {
     "ffn.net.0.proj": "ffn.0",
     "ffn.net.2": "ffn.2",
 }
+# Tensors some diffusers I2V checkpoints carry that no model uses (diffusers ignores them on load too).
+_UNUSED = re.compile(r"^blocks\.\d+\.attn2\.norm_added_q\.(weight|bias)$")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$|^blocks\.(\d+)\.(scale_shift_table)$")
 
 
@@ -77,6 +79,8 @@ def convert_diffusers_dit_state_dict(state_dict: dict[str, torch.Tensor]) -> dic
     """diffusers ``WanTransformer3DModel`` keys -> original Wan keys (tensors unchanged)."""
     converted = {}
     for key, tensor in state_dict.items():
+        if _UNUSED.match(key):
+            continue
         match = _BLOCK_KEY.match(key)
         if match and match.group(5):  # blocks.N.scale_shift_table
             new_key = f"blocks.{match.group(4)}.{_IN_BLOCK['scale_shift_table']}"
@@ -85,11 +89,25 @@ def convert_diffusers_dit_state_dict(state_dict: dict[str, torch.Tensor]) -> dic
             new_key = f"blocks.{index}.{_rename(name, _IN_BLOCK, key)}.{kind}"
         elif key == "scale_shift_table":
             new_key = _TOP_LEVEL[key]
+        elif key == "condition_embedder.image_embedder.pos_embed":  # FLF2V's learned CLIP token positions
+            new_key = "img_emb.emb_pos"
         else:
             name, _, kind = key.rpartition(".")
             new_key = f"{_rename(name, _TOP_LEVEL, key)}.{kind}"
         converted[new_key] = tensor
     return converted
+
+
+def _image_kind(state_dict: dict[str, torch.Tensor], in_dim: int, out_dim: int) -> dict:
+    """model_type, clip_branch and image_dim from the keys: a CLIP branch has ``img_emb``; FLF2V's also has
+    learned positions; Wan 2.2 I2V has neither but takes more input channels than it predicts."""
+    if "img_emb.proj.0.weight" in state_dict:
+        kind = "flf2v" if "img_emb.emb_pos" in state_dict else "i2v"
+        return dict(model_type=kind, clip_branch=True, image_dim=state_dict["img_emb.proj.0.weight"].shape[0])
+    if in_dim > out_dim:
+        return dict(model_type="i2v", clip_branch=False)
+    # the only DiT on the Wan 2.2 VAE's latents is TI2V-5B, trained with per-token timesteps
+    return dict(model_type="ti2v" if out_dim == VAE_PRESETS["wan2.2"].z_dim else "t2v", clip_branch=False)
 
 
 def detect_dit_config(state_dict: dict[str, torch.Tensor]) -> WanDiTConfig:
@@ -112,7 +130,7 @@ def detect_dit_config(state_dict: dict[str, torch.Tensor]) -> WanDiTConfig:
         freq_dim=state_dict["time_embedding.0.weight"].shape[1],
         out_dim=state_dict["head.head.weight"].shape[0] // math.prod(patch),
         cross_attn_norm="blocks.0.norm3.weight" in state_dict,
-        model_type="i2v" if "img_emb.proj.0.weight" in state_dict else "t2v",
+        **_image_kind(state_dict, in_dim, state_dict["head.head.weight"].shape[0] // math.prod(patch)),
     )
     for preset in DIT_PRESETS.values():
         if all(getattr(preset, name) == value for name, value in shapes.items()):

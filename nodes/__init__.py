@@ -1,7 +1,7 @@
 """ComfyUI nodes of the pack (V1 classes). Node ids are prefixed ``Spacetime`` to avoid clashes."""
 from .hub import SpacetimeHubDownload
 from .long_video import SpacetimeLongVideo
-from .loaders import SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
+from .loaders import SpacetimeCLIPVisionLoader, SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
 from .packed import SpacetimePackedSampler
 from .sampling import SpacetimeEmptyLatentVideo, SpacetimeExpertPair, SpacetimeSampler, SpacetimeTextEncode
 from .vae import SpacetimeVAEDecode, SpacetimeVAEEncode
@@ -11,6 +11,7 @@ NODE_CLASS_MAPPINGS = {
     "SpacetimeModelLoader": SpacetimeModelLoader,
     "SpacetimeVAELoader": SpacetimeVAELoader,
     "SpacetimeTextEncoderLoader": SpacetimeTextEncoderLoader,
+    "SpacetimeCLIPVisionLoader": SpacetimeCLIPVisionLoader,
     "SpacetimeTextEncode": SpacetimeTextEncode,
     "SpacetimeEmptyLatentVideo": SpacetimeEmptyLatentVideo,
     "SpacetimeSampler": SpacetimeSampler,
@@ -30,6 +31,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SpacetimeModelLoader": "Spacetime Load Diffusion Model",
     "SpacetimeVAELoader": "Spacetime Load VAE",
     "SpacetimeTextEncoderLoader": "Spacetime Load Text Encoder",
+    "SpacetimeCLIPVisionLoader": "Spacetime Load CLIP Vision",
     "SpacetimeTextEncode": "Spacetime Text Encode",
     "SpacetimeEmptyLatentVideo": "Spacetime Empty Video Latent",
     "SpacetimeSampler": "Spacetime Sampler",

@@ -1,4 +1,5 @@
-"""Loader nodes: diffusion model (DiT), VAE and text encoder, each offering the built-in model first."""
+"""Loader nodes: diffusion model (DiT), VAE and text encoder, each offering the built-in model first; CLIP vision
+(for the Wan 2.1 image-to-video models)."""
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,9 @@ from ..model_defs.builtin import (
     builtin_text_encoder,
     builtin_vae,
 )
-from ..model_defs.bundles import SpacetimeTextEncoder, SpacetimeVAE
+from ..model_defs.bundles import SpacetimeClipVision, SpacetimeTextEncoder, SpacetimeVAE
 from ..model_defs.checkpoint import DTYPES, load_model, load_vae
+from ..model_defs.clip_vision import load_clip_vision
 from ..model_defs.umt5 import UMT5_TOKENIZER_DIR, UMT5TextEncoder
 from . import comfy_glue
 
@@ -119,3 +121,34 @@ class SpacetimeTextEncoderLoader:
         dtype = resolve_dtype(weight_dtype, comfy_glue.torch_device("text_encoder"))
         encoder = UMT5TextEncoder(path, path.parent / UMT5_TOKENIZER_DIR, dtype, comfy_glue.offload_device())
         return (SpacetimeTextEncoder(encoder, encoder.name, encoder.dim, encoder.text_len),)
+
+
+CLIP_VISION_FILE = "clip_vision_h.safetensors"  # offered when the folder is empty, so choosing it says where to put it
+
+
+class SpacetimeCLIPVisionLoader:
+    DESCRIPTION = "Loads a CLIP vision model (ViT-H/14, e.g. clip_vision_h.safetensors): the image encoder of Wan 2.1 I2V/FLF2V."
+    CATEGORY = "spacetime/loaders"
+    RETURN_TYPES = ("SPACETIME_CLIP_VISION",)
+    RETURN_NAMES = ("clip_vision",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip_name": (
+                    comfy_glue.list_model_files("clip_vision") or [CLIP_VISION_FILE],
+                    {"tooltip": "A file from models/clip_vision: clip_vision_h.safetensors from "
+                     "Comfy-Org/Wan_2.1_ComfyUI_repackaged (split_files/clip_vision/) for Wan 2.1 I2V and FLF2V."},
+                ),
+            }
+        }
+
+    def load(self, clip_name: str):
+        # built on the offload device, like the text encoder; the job moves it where it encodes
+        path = comfy_glue.model_file_path("clip_vision", clip_name, "clip_name")
+        dtype = resolve_dtype("default", comfy_glue.torch_device("text_encoder"))
+        encoder = load_clip_vision(path, dtype)
+        encoder.model.to(comfy_glue.offload_device())
+        return (SpacetimeClipVision(encoder, clip_name),)

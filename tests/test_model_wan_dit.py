@@ -36,9 +36,18 @@ def test_config_is_detected_from_keys_and_shapes(preset):
         assert config == DIT_PRESETS[preset]
 
 
-def test_i2v_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="image-to-video"):
-        WanDiT(DIT_PRESETS["wan2.1-i2v-14b"], REFERENCE)
+@pytest.mark.parametrize("fields, message", [
+    (dict(model_type="v2v"), r"^model_type='v2v' is not allowed; allowed values: \['t2v', 'i2v', 'flf2v'\]$"),
+    (dict(model_type="flf2v"), r"^model_type='flf2v' needs clip_branch=True"),
+    (dict(clip_branch=True), r"^clip_branch=True needs model_type 'i2v' or 'flf2v'"),
+])
+def test_bad_image_kinds_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        WanDiTConfig(**fields)
+
+
+def test_image_channels():
+    assert [DIT_PRESETS[p].image_channels for p in ("wan2.1-t2v-14b", "wan2.2-ti2v-5b", "wan2.1-i2v-14b", "wan2.2-i2v-a14b")] == [0, 0, 20, 20]
 
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
@@ -53,8 +62,11 @@ def test_load_roundtrip_in_both_layouts(tmp_path, prefix):
     loaded = load_model(path, torch.float32, REFERENCE)
     assert loaded.config == SMALL and loaded.name == "dit.safetensors"
     x, t, ctx = torch.randn(1, 16, 3, 4, 6), torch.tensor([700.0]), torch.randn(1, 7, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.dit(x, t, ctx), model(x, t, ctx), rtol=0, atol=0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.dit.state_dict()[key], value), key
+    with torch.no_grad():  # same weights; the file's tensors may sit 8- rather than 16-byte aligned (it depends on
+        # the header's length), which changes the CPU's SIMD path and so the last bit of a few sums
+        torch.testing.assert_close(loaded.dit(x, t, ctx), model(x, t, ctx), rtol=0, atol=2e-6)
     bf16 = load_model(path, torch.bfloat16, REFERENCE)
     assert bf16.dit.blocks[0].ffn[0].weight.dtype == torch.bfloat16
     with torch.no_grad():
