@@ -20,7 +20,7 @@ from ..kernels import KernelBackend
 from .bundles import LatentFormat, SpacetimeModel
 from .fp8 import FP8_DTYPES, cast_for_compute, dequantize_fp8, prepare_fp8
 from .wan_dit import DIT_PRESETS, WanDiT, WanDiTConfig
-from .wan_keys import MissingKeysError, convert_diffusers_dit_state_dict, convert_diffusers_vae_state_dict, detect_dit_config, detect_vae_config
+from .wan_keys import REAL_VAE_PRESETS, MissingKeysError, convert_diffusers_dit_state_dict, convert_diffusers_vae_state_dict, detect_dit_config, detect_vae_config
 from .wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig
 
 # Metadata keys of the files we write (JSON values): the configs and the latent statistics a DiT was trained in.
@@ -199,7 +199,7 @@ def read_family(path: str | Path, dtype: torch.dtype, family: str, expected: str
 
 
 def load_vae(path: str | Path, dtype: torch.dtype) -> WanVAE:
-    """A Wan VAE from an original/ComfyUI or diffusers-layout safetensors file."""
+    """A Wan 2.1 or 2.2 VAE from an original/ComfyUI or diffusers-layout safetensors file."""
     name = Path(path).name
     state_dict, metadata = read_family(path, dtype, "Wan VAE", "Wan VAE", convert_diffusers_vae_state_dict)
     stored = _config_from_metadata(metadata, META_VAE_CONFIG)
@@ -214,16 +214,16 @@ def load_vae(path: str | Path, dtype: torch.dtype) -> WanVAE:
 
 
 def latent_format_for(config: WanDiTConfig, metadata: dict[str, str], name: str) -> LatentFormat:
-    """The latent statistics a DiT was trained with: recorded in the file, or Wan 2.1's for 16 channels."""
+    """The latent statistics a DiT was trained with: recorded in the file, or those of the published VAE
+    with its channel count (Wan 2.1's for 16, Wan 2.2's for 48)."""
     stored = _config_from_metadata(metadata, META_LATENT_FORMAT)
     if stored is not None:
         return LatentFormat(int(stored["channels"]), tuple(stored["mean"]), tuple(stored["std"]))
-    if config.out_dim == VAE_PRESETS["wan2.1"].z_dim:
-        return LatentFormat.from_vae_config(VAE_PRESETS["wan2.1"])
-    raise CheckpointError(
-        f"{name} predicts {config.out_dim}-channel latents; only models for the Wan 2.1 VAE (16 channels) are "
-        "supported so far (Wan 2.2 TI2V-5B needs the Wan 2.2 VAE)."
-    )
+    for preset in REAL_VAE_PRESETS:
+        if config.out_dim == VAE_PRESETS[preset].z_dim:
+            return LatentFormat.from_vae_config(VAE_PRESETS[preset])
+    allowed = ", ".join(f"{VAE_PRESETS[p].z_dim} ({p} VAE)" for p in REAL_VAE_PRESETS)
+    raise CheckpointError(f"{name} predicts {config.out_dim}-channel latents; supported: {allowed}.")
 
 
 def load_model(path: str | Path, dtype: torch.dtype, backend: KernelBackend) -> SpacetimeModel:

@@ -3,7 +3,7 @@
 - diffusers' ``WanTransformer3DModel`` / ``AutoencoderKLWan`` names -> the original Wan names our modules
   use (ComfyUI's repackaged files already use the original names, possibly under a
   ``model.diffusion_model.`` prefix, which the loader strips). Source of the mappings: diffusers' Wan
-  models and their single-file conversion, read side by side with Wan's ``model.py`` and ``vae.py``.
+  models and their single-file conversion, read side by side with Wan's ``model.py``, ``vae.py`` and Wan 2.2's ``vae2_2.py``.
 - the config of an original-layout state dict, from its keys and shapes: a pure function of them.
 """
 from __future__ import annotations
@@ -22,7 +22,9 @@ DIT_REQUIRED_KEYS = (
 )
 
 
-VAE_REQUIRED_KEYS = ("encoder.conv1.weight", "conv2.weight")
+VAE_REQUIRED_KEYS = ("encoder.conv1.weight", "conv2.weight", "decoder.head.0.gamma")
+RESIDUAL_VAE_MARKER = "encoder.downsamples.0.downsamples.0.residual.0.gamma"  # only Wan 2.2's nested stages have it
+REAL_VAE_PRESETS = ("wan2.1", "wan2.2")  # the published VAEs, whose statistics DiTs were trained in
 
 
 class MissingKeysError(KeyError):
@@ -151,10 +153,20 @@ def _resblock_rest(rest: str) -> str:
     return f"{_RESBLOCK_PARTS.get(part, part)}.{tail}" if part in _RESBLOCK_PARTS else rest
 
 
+def _resnets_per_block(state_dict: dict, prefix: str) -> int:
+    """How many ``resnets`` the diffusers block ``prefix`` holds (0 when it has none)."""
+    found = [int(m[1]) for k in state_dict if (m := re.match(rf"{re.escape(prefix)}\.resnets\.(\d+)\.", k))]
+    return 1 + max(found) if found else 0
+
+
 def convert_diffusers_vae_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers ``AutoencoderKLWan`` keys (Wan 2.1 layout, no attention in the up/down paths) -> original Wan keys."""
-    num_res_blocks = 1 + max(int(m[1]) for k in state_dict if (m := re.match(r"decoder\.up_blocks\.0\.resnets\.(\d+)\.", k))) - 1
-    stage = num_res_blocks + 2  # entries per decoder stage in the flat original list: resblocks + upsampler
+    """diffusers ``AutoencoderKLWan`` keys -> original Wan keys (tensors unchanged). Wan 2.1 layout (flat
+    ``down_blocks``, ``up_blocks.N.upsamplers.0``) or Wan 2.2's ``is_residual`` one (``down_blocks.N.resnets``/
+    ``downsampler``, ``up_blocks.N.upsampler``, which are ``downsamples.N.downsamples.M`` / ``upsamples.N.upsamples.M``
+    in Wan 2.2's names, the sampler last in its stage). No attention in the up/down paths."""
+    up_resnets = _resnets_per_block(state_dict, "decoder.up_blocks.0")
+    down_resnets = _resnets_per_block(state_dict, "encoder.down_blocks.0")  # 0 in the Wan 2.1 layout
+    stage = up_resnets + 1  # Wan 2.1: entries per decoder stage in the flat original list (resblocks + upsampler)
     converted = {}
     for key, tensor in state_dict.items():
         side, _, rest = key.partition(".")
@@ -164,26 +176,28 @@ def convert_diffusers_vae_state_dict(state_dict: dict[str, torch.Tensor]) -> dic
             new = f"{side}.{_SIDE[m[1]]}.{m[2]}"
         elif (m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", rest)):
             new = f"{side}.{_MID[(m[1], m[2])]}.{_resblock_rest(m[3])}"
+        elif (m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", rest)):  # Wan 2.2
+            new = f"{side}.downsamples.{m[1]}.downsamples.{m[2]}.{_resblock_rest(m[3])}"
+        elif (m := re.match(r"down_blocks\.(\d+)\.downsampler\.(.+)$", rest)):  # Wan 2.2
+            new = f"{side}.downsamples.{m[1]}.downsamples.{down_resnets}.{m[2]}"
         elif (m := re.match(r"down_blocks\.(\d+)\.(.+)$", rest)):
             new = f"{side}.downsamples.{m[1]}.{_resblock_rest(m[2])}"
+        elif (m := re.match(r"up_blocks\.(\d+)\.upsampler\.(.+)$", rest)):  # Wan 2.2
+            new = f"{side}.upsamples.{m[1]}.upsamples.{up_resnets}.{m[2]}"
+        elif down_resnets and (m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", rest)):  # Wan 2.2
+            new = f"{side}.upsamples.{m[1]}.upsamples.{m[2]}.{_resblock_rest(m[3])}"
         elif (m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", rest)):
             new = f"{side}.upsamples.{int(m[1]) * stage + int(m[2])}.{_resblock_rest(m[3])}"
         elif (m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)$", rest)):
-            new = f"{side}.upsamples.{int(m[1]) * stage + num_res_blocks + 1}.{m[2]}"
+            new = f"{side}.upsamples.{int(m[1]) * stage + up_resnets}.{m[2]}"
         else:
             raise KeyError(f"unknown key {key!r} in a diffusers-layout Wan VAE")
         converted[new] = tensor
     return converted
 
 
-def detect_vae_config(state_dict: dict[str, torch.Tensor]) -> WanVAEConfig:
-    """The config of an original-layout Wan VAE state dict, from its keys and shapes (Wan 2.1 statistics);
-    ``MissingKeysError`` naming the missing keys when it is not a whole VAE."""
-    missing = [key for key in VAE_REQUIRED_KEYS if key not in state_dict]
-    if missing:
-        raise MissingKeysError(missing)
-    base_dim = state_dict["encoder.conv1.weight"].shape[0]
-    z_dim = state_dict["conv2.weight"].shape[0]
+def _flat_stages(state_dict: dict, base_dim: int) -> dict:
+    """Wan 2.1's encoder: one flat list of residual blocks and resamplers."""
     entries = sorted({int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.downsamples.")})
     resamples = [i for i in entries if f"encoder.downsamples.{i}.resample.1.weight" in state_dict]
     stages = len(resamples) + 1
@@ -192,7 +206,33 @@ def detect_vae_config(state_dict: dict[str, torch.Tensor]) -> WanVAEConfig:
         state_dict[f"encoder.downsamples.{s * (num_res_blocks + 1)}.residual.2.weight"].shape[0] // base_dim for s in range(stages)
     )
     temporal = tuple(f"encoder.downsamples.{i}.time_conv.weight" in state_dict for i in resamples)
-    preset = VAE_PRESETS["wan2.1"]
-    return WanVAEConfig(base_dim=base_dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=num_res_blocks, temporal_downsample=temporal,
-                        latents_mean=preset.latents_mean if z_dim == preset.z_dim else (0.0,) * z_dim,
-                        latents_std=preset.latents_std if z_dim == preset.z_dim else (1.0,) * z_dim)
+    return dict(dim_mult=dim_mult, num_res_blocks=num_res_blocks, temporal_downsample=temporal)
+
+
+def _residual_stages(state_dict: dict, base_dim: int) -> dict:
+    """Wan 2.2's encoder: ``downsamples.S.downsamples.M``, residual blocks then the stage's resampler."""
+    stages = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.downsamples."))
+    num_res_blocks = sum(1 for k in state_dict if re.match(r"encoder\.downsamples\.0\.downsamples\.\d+\.residual\.2\.weight$", k))
+    dim_mult = tuple(state_dict[f"encoder.downsamples.{s}.downsamples.0.residual.2.weight"].shape[0] // base_dim for s in range(stages))
+    temporal = tuple(f"encoder.downsamples.{s}.downsamples.{num_res_blocks}.time_conv.weight" in state_dict for s in range(stages - 1))
+    return dict(dim_mult=dim_mult, num_res_blocks=num_res_blocks, temporal_downsample=temporal)
+
+
+def detect_vae_config(state_dict: dict[str, torch.Tensor]) -> WanVAEConfig:
+    """The config of an original-layout Wan 2.1 or 2.2 VAE state dict, from its keys and shapes, with the
+    published statistics of the real VAE of its kind and width (zeros and ones otherwise);
+    ``MissingKeysError`` naming the missing keys when it is not a whole VAE."""
+    missing = [key for key in VAE_REQUIRED_KEYS if key not in state_dict]
+    if missing:
+        raise MissingKeysError(missing)
+    conv_in = state_dict["encoder.conv1.weight"]  # [base_dim, 3 * patch^2, 3, 3, 3]
+    base_dim = conv_in.shape[0]
+    z_dim = state_dict["conv2.weight"].shape[0]
+    residual = RESIDUAL_VAE_MARKER in state_dict
+    shapes = (_residual_stages if residual else _flat_stages)(state_dict, base_dim)
+    decoder_dim = state_dict["decoder.head.0.gamma"].shape[0] // shapes["dim_mult"][0]
+    real = next((p for name in REAL_VAE_PRESETS if (p := VAE_PRESETS[name]).z_dim == z_dim and p.residual == residual), None)
+    return WanVAEConfig(base_dim=base_dim, z_dim=z_dim, residual=residual, patch_size=math.isqrt(conv_in.shape[1] // 3),
+                        decoder_base_dim=None if decoder_dim == base_dim else decoder_dim, **shapes,
+                        latents_mean=real.latents_mean if real else (0.0,) * z_dim,
+                        latents_std=real.latents_std if real else (1.0,) * z_dim)

@@ -10,19 +10,20 @@ from comfyui_spacetime.model_defs.bundles import LatentFormat
 from comfyui_spacetime.model_defs.flow_matching import SolverSettings
 
 
-@pytest.fixture(scope="module")
-def vae():
+@pytest.fixture(scope="module", params=["tiny", "tiny2.2"])
+def vae(request):
     torch.manual_seed(0)
-    return WanVAE(VAE_PRESETS["tiny"]).eval()
+    return WanVAE(VAE_PRESETS[request.param]).eval()
 
 
 @pytest.mark.parametrize("latent_frames", [1, 2, 5])
 def test_decode_gives_one_plus_4k_frames_and_streams_causally(vae, latent_frames):
-    latent = torch.randn(1, 16, latent_frames, 3, 5)
+    config = vae.config
+    latent = torch.randn(1, config.z_dim, latent_frames, 3, 5)
     chunks = []
     with torch.no_grad():
         video = vae.decode(latent, on_chunk=lambda done, total: chunks.append((done, total)))
-        assert video.shape == (1, 3, 1 + 4 * (latent_frames - 1), 24, 40)
+        assert video.shape == (1, 3, 1 + 4 * (latent_frames - 1), 3 * config.spatial_factor, 5 * config.spatial_factor)
         assert video.abs().max() <= 1.0
         # causal: the first frames do not depend on later latent frames
         shorter = vae.decode(latent[:, :, :1])
@@ -41,10 +42,30 @@ def test_config_detection_and_serialisation_round_trip(name):
     with torch.device("meta"):
         state = WanVAE(config).state_dict()
     detected = detect_vae_config(state)
-    assert (detected.base_dim, detected.z_dim, detected.dim_mult, detected.num_res_blocks, detected.temporal_downsample) == (
-        config.base_dim, config.z_dim, config.dim_mult, config.num_res_blocks, config.temporal_downsample)
+    architecture = ("base_dim", "decoder_base_dim", "z_dim", "dim_mult", "num_res_blocks", "temporal_downsample", "residual", "patch_size")
+    assert [getattr(detected, name) for name in architecture] == [getattr(config, name) for name in architecture]
     assert WanVAEConfig.from_dict(config.to_dict()) == config
-    assert (config.temporal_factor, config.spatial_factor) == (4, 8)
+    # Wan 2.2 (residual) folds 2x2 pixels before its 8x8 downsampling
+    assert (config.temporal_factor, config.spatial_factor, config.pixel_channels) == ((4, 16, 12) if config.residual else (4, 8, 3))
+
+
+def test_encode_of_a_wan22_vae_streams_like_its_whole_video():
+    """The first frame's latent does not depend on later frames; sizes follow the 16x spatial factor."""
+    torch.manual_seed(0)
+    vae = WanVAE(VAE_PRESETS["tiny2.2"]).eval()
+    video = torch.rand(1, 3, 9, 48, 32) * 2 - 1
+    with torch.no_grad():
+        latent = vae.encode(video)
+        first = vae.encode(video[:, :, :1])
+    assert latent.shape == (1, 48, 3, 3, 2)
+    torch.testing.assert_close(latent[:, :, :1], first, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"encode needs a height and width that are multiples of 2, got 47x32"):
+        vae.encode(torch.zeros(1, 3, 1, 47, 32))
+
+
+def test_a_residual_config_with_attention_is_refused():
+    with pytest.raises(ValueError, match=r"attn_scales must be \(\) for a residual \(Wan 2.2\) VAE, got \(0.25,\)"):
+        WanVAEConfig(residual=True, attn_scales=(0.25,))
 
 
 def test_normalize_round_trip():
