@@ -121,8 +121,8 @@ class SpacetimeModel:
             raise ValueError(f"{what} must be a video latent [B,C,T,H,W], got shape {tuple(latent_shape)}")
         if latent_shape[1] != self.config.out_dim:
             raise ValueError(
-                f"{what} has {latent_shape[1]} channels but model {self.name} samples {self.config.out_dim}-channel "
-                f"latents ({_vae_for(self.config.out_dim)}); use the VAE that matches the model"
+                f"{what} has {latent_shape[1]} channels but model {self.name} takes {self.config.out_dim}; "
+                f"use the VAE that matches the model ({_vae_channels()})"
             )
         try:
             return patch_grid(latent_shape, self.config.patch_size)
@@ -158,10 +158,10 @@ class ImageCondition:
     clip: torch.Tensor | None = None
 
 
-def _vae_for(channels: int) -> str:
-    """The VAE family whose latents have ``channels`` channels, for messages."""
-    return next((f"the {name} VAE's" for name, config in VAE_PRESETS.items() if config.z_dim == channels and name != "tiny"),
-                f"{channels} channels")
+def _vae_channels() -> str:
+    """Every VAE family's latent channels, for messages: 'wan2.1 VAE: 16, ...'."""
+    shown = {name: config for name, config in VAE_PRESETS.items() if name.startswith("wan") or name == "tiny"}
+    return ", ".join(f"{'built-in' if name == 'tiny' else name} VAE: {config.z_dim}" for name, config in shown.items())
 
 
 def _same_weights(a: WanDiT, b: WanDiT) -> bool:

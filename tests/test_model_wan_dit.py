@@ -37,7 +37,7 @@ def test_config_is_detected_from_keys_and_shapes(preset):
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(model_type="v2v"), r"^model_type='v2v' is not allowed; allowed values: \['t2v', 'i2v', 'flf2v'\]$"),
+    (dict(model_type="v2v"), r"^model_type='v2v' is not allowed; allowed values: \['t2v', 'i2v', 'flf2v', 'ti2v'\]$"),
     (dict(model_type="flf2v"), r"^model_type='flf2v' needs clip_branch=True"),
     (dict(clip_branch=True), r"^clip_branch=True needs model_type 'i2v' or 'flf2v'"),
 ])
