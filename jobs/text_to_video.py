@@ -129,7 +129,8 @@ def stepwise_velocity(
         dit, cfg = stages[1] if index >= first_low else stages[0]
         if not current or current[0][0] is not dit:
             if use is not None:
-                use(dit)
+                with torch.inference_mode(False):  # weights moved here stay normal tensors (ComfyUI patches them later)
+                    use(dit)
             current[:] = [(dit, velocity_of(dit, cfg))]
 
     def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
