@@ -2,6 +2,7 @@
 sampler that turns noise into raw latents under text conditioning, optionally holding known frames."""
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -11,6 +12,8 @@ from ..model_defs.flow_matching import SolverSettings, StepCallback, StepStart, 
 from ..model_defs.experts import ExpertSwitch, default_boundary
 from ..model_defs.known_frames import KnownLatents
 from ..model_defs.wan_dit import WanDiT
+
+log = logging.getLogger(__name__)
 
 # use(module): put a DiT on the sampling device before it runs (and release the one that ran before); the
 # nodes pass ComfyUI's model management here, tests and scripts nothing (the DiTs are already there).
@@ -119,6 +122,7 @@ def stepwise_velocity(
         low_cfg = settings.cfg if model.switch.cfg_low_noise is None else model.switch.cfg_low_noise
         stages.append((model.low_noise.dit, low_cfg))
         first_low = model.switch.first_low_noise_step(sigmas)
+        log.info("Spacetime: %s", model.switch.describe(sigmas))
     current: list[tuple[WanDiT, VelocityFn]] = []
 
     def step_start(index: int) -> None:

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..model_defs.bundles import ImageCondition, SpacetimeModel, SpacetimeVAE
+from ..model_defs.bundles import ImageCondition, SpacetimeClipVision, SpacetimeModel, SpacetimeVAE
 from ..model_defs.wan_image import image_condition as image_condition_channels
 from ..model_defs.known_frames import KnownLatents, KnownRun, known_latents
 from ..model_defs.sizes import describe_allowed
@@ -87,7 +87,7 @@ def _prompt(
     return KnownFrames(known, join, tuple(given), vae)
 
 
-def with_clip_features(prompt: KnownFrames, clip_vision, device: torch.device) -> KnownFrames:
+def with_clip_features(prompt: KnownFrames, clip_vision: SpacetimeClipVision) -> KnownFrames:
     """``prompt`` with the CLIP vision features ``[n, tokens, dim]`` of its first given frame and, when another
     frame is given later, of the last one (FLF2V models take both, I2V models the first)."""
     if not prompt.given:
@@ -96,7 +96,7 @@ def with_clip_features(prompt: KnownFrames, clip_vision, device: torch.device) -
     images = [first.frames[:1]]
     if last.start + last.frames.shape[0] - 1 > first.start:
         images.append(last.frames[-1:])
-    features = clip_vision.encode(torch.cat(images), device)  # [n,tokens,dim]
+    features = clip_vision.encode(torch.cat(images))  # [n,tokens,dim], on the encoder's device
     return dataclasses.replace(prompt, clip=features.float().cpu())
 
 

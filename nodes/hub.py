@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..model_defs.hub import download_file, validate_request
 from . import comfy_glue
 
-FOLDERS = ["diffusion_models", "vae", "text_encoders"]
+FOLDERS = ["diffusion_models", "vae", "text_encoders", "clip_vision"]
 
 
 class SpacetimeHubDownload:

@@ -61,8 +61,8 @@ class SpacetimeImageToVideo:
         latent, prompt = _encoded(vae, lambda device, cb: image_to_video(
             vae, image, width, height, frames, frame_index, strength, device, cb, last_image, resize))
         if clip_vision is not None and prompt.given:
-            with comfy_glue.on_device(clip_vision.model, "text_encoder") as device:
-                prompt = with_clip_features(prompt, clip_vision, device)
+            with comfy_glue.on_device(clip_vision.encoder.model, "text_encoder"):
+                prompt = with_clip_features(prompt, clip_vision)
         return latent, prompt
 
 

@@ -67,3 +67,50 @@ def test_without_comfyui_text_progress(capsys):
     progress.update(1)
     progress.update(2)
     assert "decoding" in capsys.readouterr().err
+
+
+def test_device_slot_holds_one_expert_at_a_time_inside_comfyui(fake_comfy, monkeypatch):
+    """Inside ComfyUI each module is loaded through its ModelPatcher; handing over to the next unloads the one
+    before from ComfyUI's loaded models at once (two 14B experts need one expert's room); the last stays loaded."""
+    import torch
+
+    mm = sys.modules["comfy.model_management"]
+    events = []
+
+    class Loaded:
+        def __init__(self, patcher):
+            self.model = patcher
+
+        def model_unload(self, memory_to_free=None, unpatch_weights=True):
+            events.append(("unload", self.model.name))
+            return True
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device):
+            self.name = type(model).__name__ + str(id(model.module) % 97)
+            self.module = model.module
+
+    mm.current_loaded_models = []
+    mm.get_torch_device = mm.vae_device = mm.text_encoder_device = lambda: torch.device("cpu")
+    mm.unet_offload_device = lambda: torch.device("cpu")
+    mm.soft_empty_cache = lambda: events.append(("empty",))
+
+    def load_models_gpu(patchers, force_full_load=False):
+        for patcher in patchers:
+            events.append(("load", patcher.name))
+            mm.current_loaded_models.append(Loaded(patcher))
+
+    mm.load_models_gpu = load_models_gpu
+    patcher_module = types.ModuleType("comfy.model_patcher")
+    patcher_module.ModelPatcher = ModelPatcher
+    monkeypatch.setitem(sys.modules, "comfy.model_patcher", patcher_module)
+
+    high, low = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with comfy_glue.device_slot() as slot:
+        slot.use(high)
+        slot.use(high)  # the same expert again: nothing moves
+        slot.use(low)
+    names = [event[1] if len(event) > 1 else None for event in events]
+    assert [event[0] for event in events] == ["load", "unload", "empty", "load"]
+    assert names[0] == names[1] != names[3]  # high loaded, high unloaded, then low loaded
+    assert len(mm.current_loaded_models) == 1 and mm.current_loaded_models[0].model.module is low
