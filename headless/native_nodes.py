@@ -7,8 +7,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ..model_defs.hub import relative_path_problem
 from .video_io import check_filename_prefix, next_output_path, write_mp4, write_webp
 
 WEBP_METHODS = {"default": 4, "fastest": 0, "slowest": 6}
@@ -137,7 +139,78 @@ class ImageFromBatch:
         return (image[first: first + length].clone(),)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_INPUT_DIR = Path("input")  # ComfyUI's input folder; run_workflow.py --input-dir
+
+
+def input_images(input_dir: Path) -> list[str]:
+    """The image files of the input folder (sub-folders included, '/'-separated), sorted, as LoadImage offers them."""
+    if not input_dir.is_dir():
+        return []
+    return sorted(p.relative_to(input_dir).as_posix() for p in input_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+class LoadImage:
+    """ComfyUI's Load Image (nodes.py ``LoadImage``): a file of the input folder -> IMAGE ``[N,H,W,3]`` (N > 1 for an
+    animated file whose frames have one size) and MASK ``[N,H,W]`` (1 - alpha; a 64x64 zero mask without alpha).
+    Saved UI workflows hold ``[file name, "image"]``: the second value is the frontend's upload button, no input.
+    The input folder is a class attribute: the runner uses ``LoadImage.in_folder(--input-dir)``."""
+
+    CATEGORY = "image"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    FUNCTION = "load_image"
+    input_dir: Path = DEFAULT_INPUT_DIR
+
+    @classmethod
+    def in_folder(cls, input_dir: str | Path) -> type["LoadImage"]:
+        return type(cls.__name__, (cls,), {"input_dir": Path(input_dir)})
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        # ComfyUI offers the input folder's files as a combo; checked by VALIDATE_INPUTS here, which names the folder
+        return {"required": {"image": ("STRING", {"image_upload": True, "tooltip": "A file in the input folder."})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, image=None):
+        if image is None:
+            return True
+        name = image.removesuffix(" [input]")  # ComfyUI's annotated name for the input folder
+        problem = relative_path_problem(name)
+        if problem is None and not (cls.input_dir / name).is_file():
+            problem = f"is not a file in the input folder {cls.input_dir} (run_workflow.py --input-dir)"
+        if problem is None:
+            return True
+        return f"image: {image!r} {problem}; files there: {input_images(cls.input_dir)}"
+
+    def load_image(self, image: str):
+        from PIL import Image, ImageOps, ImageSequence
+
+        verdict = self.VALIDATE_INPUTS(image)
+        if verdict is not True:
+            raise ValueError(verdict)
+        images, masks = [], []
+        with Image.open(self.input_dir / image.removesuffix(" [input]")) as file:
+            for frame in ImageSequence.Iterator(file):
+                frame = ImageOps.exif_transpose(frame)
+                if frame.mode == "I":  # 16-bit greyscale, as ComfyUI scales it
+                    frame = frame.point(lambda v: v * (1 / 255))
+                rgb = frame.convert("RGB")
+                if images and rgb.size != (images[0].shape[2], images[0].shape[1]):
+                    continue  # frames of another size are skipped, as ComfyUI does
+                images.append(torch.from_numpy(np.array(rgb).astype(np.float32) / 255.0)[None])  # [1,H,W,3]
+                if "A" in frame.getbands() or (frame.mode == "P" and "transparency" in frame.info):
+                    alpha = np.array(frame.convert("RGBA").getchannel("A")).astype(np.float32) / 255.0
+                    masks.append(1.0 - torch.from_numpy(alpha)[None])  # [1,H,W]
+                else:
+                    masks.append(torch.zeros((1, 64, 64), dtype=torch.float32))
+            several = len(images) > 1 and file.format != "MPO"  # MPO: a photo with previews, the first only
+        if several:
+            return (torch.cat(images), torch.cat(masks))
+        return (images[0], masks[0])
+
+
 NATIVE_NODE_CLASS_MAPPINGS = {
+    "LoadImage": LoadImage,
     "SaveAnimatedWEBP": SaveAnimatedWEBP,
     "CreateVideo": CreateVideo,
     "SaveVideo": SaveVideo,

@@ -1,5 +1,6 @@
 """Headless workflow runner: executes a workflow's nodes in dependency order and prints every file
-the save nodes wrote, one path per line. Usage: ``python run_workflow.py WORKFLOW.json [--output-dir DIR]``."""
+the save nodes wrote, one path per line. Usage:
+``python run_workflow.py WORKFLOW.json [--output-dir DIR] [--input-dir DIR]``."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +9,16 @@ from pathlib import Path
 
 from ..model_defs.hub import HubDownloadError
 from ..nodes import NODE_CLASS_MAPPINGS
-from .native_nodes import NATIVE_NODE_CLASS_MAPPINGS
+from .native_nodes import DEFAULT_INPUT_DIR, NATIVE_NODE_CLASS_MAPPINGS, LoadImage
 from .workflow import Link, NodeCall, WorkflowError, load_workflow, validate
 
-NODE_TYPES = {**NODE_CLASS_MAPPINGS, **NATIVE_NODE_CLASS_MAPPINGS}
+NODE_TYPES = {**NODE_CLASS_MAPPINGS, **NATIVE_NODE_CLASS_MAPPINGS}  # Load Image reading ./input
+
+
+def node_types(input_dir: str | Path = DEFAULT_INPUT_DIR) -> dict:
+    """Every node the runner knows, Load Image reading ``input_dir``."""
+    return {**NODE_TYPES, "LoadImage": LoadImage.in_folder(input_dir)}
+
 # what our nodes raise for a user's mistake (a bad value, a missing or unreadable file, a failed download):
 # reported as it is; anything else is named by its type, as the bug it most likely is
 USER_ERRORS = (ValueError, OSError, HubDownloadError)
@@ -73,18 +80,19 @@ def _call_over_lists(node_class, inputs: dict[str, list], extra: dict) -> tuple[
     return outputs, written
 
 
-def run_workflow(path: str | Path, output_dir: str | Path) -> list[Path]:
-    """Run every node of the workflow; returns the written files in the order they were written. Values
-    travel as lists, as in ComfyUI, so a list output (``OUTPUT_IS_LIST``) makes downstream nodes run once
-    per element."""
-    calls = load_workflow(path, NODE_TYPES)
-    validate(calls, NODE_TYPES)
+def run_workflow(path: str | Path, output_dir: str | Path, input_dir: str | Path = DEFAULT_INPUT_DIR) -> list[Path]:
+    """Run every node of the workflow (Load Image reads ``input_dir``); returns the written files in the order
+    they were written. Values travel as lists, as in ComfyUI, so a list output (``OUTPUT_IS_LIST``) makes
+    downstream nodes run once per element."""
+    types = node_types(input_dir)
+    calls = load_workflow(path, types)
+    validate(calls, types)
     output_dir = Path(output_dir)
     results: dict[str, list[list]] = {}  # node id -> its outputs, each a list of values
     written: list[Path] = []
     for node_id in execution_order(calls):
         call = calls[node_id]
-        node_class = NODE_TYPES[call.class_type]
+        node_class = types[call.class_type]
         inputs = {
             name: results[value.node_id][value.slot] if isinstance(value, Link) else [value]
             for name, value in call.inputs.items()
@@ -104,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a ComfyUI workflow with the Spacetime nodes, without ComfyUI.")
     parser.add_argument("workflow", help="workflow .json (UI or API format)")
     parser.add_argument("--output-dir", default="output", help="where save nodes write (default: ./output)")
+    parser.add_argument("--input-dir", default=str(DEFAULT_INPUT_DIR), help="where Load Image reads (default: ./input)")
     args = parser.parse_args(argv)
     try:
-        files = run_workflow(args.workflow, args.output_dir)
+        files = run_workflow(args.workflow, args.output_dir, args.input_dir)
     except WorkflowError as exc:  # one line, never a traceback: the message names the node and the input
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -160,7 +160,7 @@ def node_runs(monkeypatch) -> list:
 
 def run_main(path: Path, out: Path, capsys) -> tuple[int, list[str]]:
     """main()'s exit code and the lines it wrote to stderr other than progress bars ("\\r..." lines)."""
-    code = runner.main([str(path), "--output-dir", str(out)])
+    code = runner.main([str(path), "--output-dir", str(out), "--input-dir", str(out.parent / "input")])
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     return code, [line for line in err.split("\n") if line and not line.startswith("\r")]
@@ -195,8 +195,8 @@ def check_outcome(code: int, lines: list[str], out: Path, path: Path) -> None:
 
 
 def case_path(tmp_path: Path, models_dir: Path, name: str, workflow: dict) -> Path:
-    """Where the case's workflow goes; the Hub weights it names are written first, as tiny stand-ins."""
-    provide_files(workflow, models_dir)
+    """Where the case's workflow goes; the Hub weights and input images it names are written first, as tiny stand-ins."""
+    provide_files(workflow, models_dir, tmp_path / "input")
     return tmp_path / name
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_spacetime.headless.runner import NODE_TYPES, main, run_workflow
+from comfyui_spacetime.headless.runner import main, node_types, run_workflow
 from comfyui_spacetime.headless.workflow import load_workflow, validate
 
 from standins import provide_files, shrink
@@ -19,6 +19,7 @@ EXPECTED_VIDEOS = {
     "spacetime_pack_builtin.json": [(17, 64, 64), (9, 64, 96), (13, 96, 64)],  # one per line of its list
     "spacetime_extend_forward_builtin.json": [(17 + 12, 64, 64)],  # the input, then 12 new frames
     "spacetime_extend_backward_builtin.json": [(9 + 17, 64, 64)],  # 9 new frames, then the input
+    "wan22_ti2v_5b_extend_backward.json": [(9 + 17, 64, 64)],  # as shrunk: 9 new frames, then the input
     "spacetime_connect_builtin.json": [(17 + 8 + 17, 64, 64)],  # clip A, an 8-frame bridge, clip B
     "spacetime_long_video_builtin.json": [(41, 64, 64)],  # as shortened below: 3 chunks, 17 + 12 + 12 frames
 }
@@ -41,12 +42,13 @@ def test_a_t2v_workflow_ships():
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
-def test_workflow_is_ui_format_with_valid_nodes(path, models_dir):
+def test_workflow_is_ui_format_with_valid_nodes(path, models_dir, tmp_path):
     data = json.loads(path.read_text())
     assert isinstance(data["nodes"], list) and isinstance(data["links"], list)  # what users drag into ComfyUI
-    provide_files(data, models_dir)  # the named Hub files must exist for their combo values to be valid
-    calls = load_workflow(path, NODE_TYPES)
-    validate(calls, NODE_TYPES)
+    provide_files(data, models_dir, tmp_path / "input")  # the named Hub files and input images must exist
+    types = node_types(tmp_path / "input")
+    calls = load_workflow(path, types)
+    validate(calls, types)
     assert calls
 
 
@@ -60,9 +62,10 @@ def _read_mp4(path: Path) -> np.ndarray:
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_runs_end_to_end(path, tmp_path, models_dir):
     """Built-in workflows run as shipped; those naming Hub weights run on tiny stand-ins of those files,
-    shrunk to 64x64 and 3 steps (the graph, loaders and layouts are what is exercised)."""
+    shrunk to 64x64 and 3 steps (the graph, loaders and layouts are what is exercised); their Load Image nodes read
+    stand-in pictures of another size than the video."""
     workflow = json.loads(path.read_text())
-    if provide_files(workflow, models_dir):
+    if provide_files(workflow, models_dir, tmp_path / "input"):
         workflow = shrink(workflow)
         path = tmp_path / path.name
         path.write_text(json.dumps(workflow))
@@ -71,7 +74,7 @@ def test_workflow_runs_end_to_end(path, tmp_path, models_dir):
         path = tmp_path / path.name
         path.write_text(json.dumps(workflow))
     webp_fps = next((n["widgets_values"][1] for n in workflow["nodes"] if n["type"] == "SaveAnimatedWEBP"), None)
-    written = run_workflow(path, tmp_path / "output")
+    written = run_workflow(path, tmp_path / "output", tmp_path / "input")
     assert written and all(p.is_file() and p.stat().st_size > 0 for p in written)
     assert not list((tmp_path / "output").rglob(".*.partial"))
     videos = [_read_mp4(p) for p in written if p.suffix == ".mp4"]
