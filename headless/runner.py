@@ -1,14 +1,16 @@
 """Headless workflow runner: executes a workflow's nodes in dependency order and prints every file
 the save nodes wrote, one path per line. Usage:
-``python run_workflow.py WORKFLOW.json [--output-dir DIR] [--input-dir DIR]``."""
+``python run_workflow.py WORKFLOW.json [--output-dir DIR] [--input-dir DIR] [--previews DIR]``."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from ..model_defs.hub import HubDownloadError
 from ..nodes import NODE_CLASS_MAPPINGS
+from ..nodes.comfy_glue import PREVIEWS_DIR_ENV
 from .native_nodes import DEFAULT_INPUT_DIR, NATIVE_NODE_CLASS_MAPPINGS, LoadImage
 from .workflow import Link, NodeCall, WorkflowError, load_workflow, validate
 
@@ -113,12 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("workflow", help="workflow .json (UI or API format)")
     parser.add_argument("--output-dir", default="output", help="where save nodes write (default: ./output)")
     parser.add_argument("--input-dir", default=str(DEFAULT_INPUT_DIR), help="where Load Image reads (default: ./input)")
+    parser.add_argument("--previews", metavar="DIR", help="write every sampling step's latent preview here as PNG")
     args = parser.parse_args(argv)
+    before = os.environ.get(PREVIEWS_DIR_ENV)
+    if args.previews:  # read by the progress bars (nodes/comfy_glue.Progress), as ComfyUI shows them in its UI
+        os.environ[PREVIEWS_DIR_ENV] = str(Path(args.previews).expanduser())
     try:
         files = run_workflow(args.workflow, args.output_dir, args.input_dir)
     except WorkflowError as exc:  # one line, never a traceback: the message names the node and the input
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if before is None:
+            os.environ.pop(PREVIEWS_DIR_ENV, None)
+        else:
+            os.environ[PREVIEWS_DIR_ENV] = before
     for path in files:
         print(path)
     return 0

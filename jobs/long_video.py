@@ -23,9 +23,9 @@ from .text_to_video import ModuleUse, empty_latent, generate
 from .vae_frames import decode_frames
 from .video_prompts import extend_video
 
-# (chunk index, chunks) after each chunk, and (step, steps) within one
+# (chunk index, chunks) after each chunk, and (step, steps, x0 estimate) within one
 ChunkDone = Callable[[int, int], None]
-StepDone = Callable[[int, int], None]
+StepDone = Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,6 @@ def generate_long_video(
         )
     width, height = plan.width, plan.height
     video = torch.empty(plan.frames, height, width, 3)
-    step_cb = None if on_step is None else (lambda done, total, _x0: on_step(done, total))
     done = 0
     for index in range(plan.chunks):
         if index == 0:
@@ -106,7 +105,7 @@ def generate_long_video(
             prompt = extend_video(vae, tail, "forward", plan.overlap, plan.new_per_chunk, strength, vae_device)
             known, keep_from = prompt.known, plan.overlap
             latent = known.empty_target()
-        samples = generate(model, positive, negative, latent, (seed + index) % 2**64, settings, device, on_step=step_cb, known=known, use=use)
+        samples = generate(model, positive, negative, latent, (seed + index) % 2**64, settings, device, on_step=on_step, known=known, use=use)
         pixels = decode_frames(vae, samples, vae_device)[keep_from:]
         count = min(len(pixels), plan.frames - done)
         video[done: done + count] = pixels[:count]

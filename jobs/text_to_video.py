@@ -11,6 +11,7 @@ from ..model_defs.bundles import ImageCondition, SpacetimeConditioning, Spacetim
 from ..model_defs.flow_matching import SolverSettings, StepCallback, StepStart, VelocityFn, guided_velocity, initial_noise, sample
 from ..model_defs.experts import ExpertSwitch, default_boundary
 from ..model_defs.known_frames import KnownLatents
+from ..model_defs.previews import PREVIEW_MODES, preview_image
 from ..model_defs.wan_dit import WanDiT
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,15 @@ def generate(
             model, sigmas, settings, lambda dit, cfg: guided_velocity(model_fn(dit), pos_ctx, neg_ctx, cfg), use)
         result = sample(velocity, x0_start, noise, sigmas, settings.scheduler, on_step, guide, step_start)
     return model.latent_format.denormalize(result).float().cpu()
+
+
+def step_preview(model: SpacetimeModel, x0: torch.Tensor, mode: str = PREVIEW_MODES[0]) -> Callable[[], torch.Tensor] | None:
+    """A preview of a sampling step's estimate ``x0 [B,C,F,h,w]`` (model space), made when called: an image
+    ``[h, w, 3]`` (``previews.preview_image``); None when the model's latents have no preview map."""
+    rgb = model.latent_format.rgb
+    if rgb is None or rgb.channels != x0.shape[1]:
+        return None
+    return lambda: preview_image(x0, rgb, mode)
 
 
 def _conditioned(image: ImageCondition, latent_shape: tuple[int, ...], device: torch.device):

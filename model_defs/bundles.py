@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .experts import ExpertSwitch
+from .previews import LatentRGB
 from .sizes import SPATIAL_PATCH, SizeRules, patch_grid
 from .text_encoders import EncodedText
 from .wan_dit import WanDiT
@@ -27,10 +28,11 @@ class LatentFormat:
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    rgb: LatentRGB | None = None  # the latent -> RGB map of previews (``previews``); None: no previews
 
     @classmethod
-    def from_vae_config(cls, config: WanVAEConfig) -> "LatentFormat":
-        return cls(config.z_dim, tuple(config.latents_mean), tuple(config.latents_std))
+    def from_vae_config(cls, config: WanVAEConfig, rgb: LatentRGB | None = None) -> "LatentFormat":
+        return cls(config.z_dim, tuple(config.latents_mean), tuple(config.latents_std), rgb)
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.channels, 1, 1, 1)

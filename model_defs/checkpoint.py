@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from ..kernels import KernelBackend
 from .bundles import LatentFormat, SpacetimeModel
 from .fp8 import FP8_DTYPES, cast_for_compute, dequantize_fp8, prepare_fp8
+from .previews import META_LATENT_RGB, PUBLISHED_RGB, LatentRGB
 from .wan_dit import DIT_PRESETS, WanDiT, WanDiTConfig
 from .wan_keys import REAL_VAE_PRESETS, MissingKeysError, convert_diffusers_dit_state_dict, convert_diffusers_vae_state_dict, detect_dit_config, detect_vae_config
 from .wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig
@@ -140,16 +141,29 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         partial.unlink(missing_ok=True)
 
 
-def save_vae(vae: WanVAE, path: str | Path) -> None:
-    """A VAE file our loader reads back with its config (``META_VAE_CONFIG``)."""
-    write_safetensors(path, vae.state_dict(), {META_VAE_CONFIG: json.dumps(vae.config.to_dict())})
+def save_vae(vae: WanVAE, path: str | Path, rgb: LatentRGB | None = None) -> None:
+    """A VAE file our loader reads back with its config (``META_VAE_CONFIG``) and, when given, the latent -> RGB
+    map of previews (``META_LATENT_RGB``)."""
+    metadata = {META_VAE_CONFIG: json.dumps(vae.config.to_dict())}
+    if rgb is not None:
+        metadata[META_LATENT_RGB] = rgb.to_json()
+    write_safetensors(path, vae.state_dict(), metadata)
+
+
+def read_latent_rgb(path: str | Path) -> LatentRGB | None:
+    """The preview map stored in a model file's metadata, or None."""
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        text = (handle.metadata() or {}).get(META_LATENT_RGB)
+    return LatentRGB.from_json(text) if text else None
 
 
 def save_dit(state_dict: dict[str, torch.Tensor], config: WanDiTConfig, latent_format: LatentFormat, path: str | Path) -> None:
     """A DiT file (weights stored fp16) with its config and the latent statistics it was trained in."""
     latent = {"channels": latent_format.channels, "mean": list(latent_format.mean), "std": list(latent_format.std)}
-    write_safetensors(path, {k: v.half() for k, v in state_dict.items()}, {
-        META_DIT_CONFIG: json.dumps(config.to_dict()), META_LATENT_FORMAT: json.dumps(latent)})
+    metadata = {META_DIT_CONFIG: json.dumps(config.to_dict()), META_LATENT_FORMAT: json.dumps(latent)}
+    if latent_format.rgb is not None:
+        metadata[META_LATENT_RGB] = latent_format.rgb.to_json()
+    write_safetensors(path, {k: v.half() for k, v in state_dict.items()}, metadata)
 
 
 def _detected(name: str, what: str, detect, state_dict: dict):
@@ -218,10 +232,11 @@ def latent_format_for(config: WanDiTConfig, metadata: dict[str, str], name: str)
     with its channel count (Wan 2.1's for 16, Wan 2.2's for 48)."""
     stored = _config_from_metadata(metadata, META_LATENT_FORMAT)
     if stored is not None:
-        return LatentFormat(int(stored["channels"]), tuple(stored["mean"]), tuple(stored["std"]))
+        rgb = LatentRGB.from_json(metadata[META_LATENT_RGB]) if META_LATENT_RGB in metadata else None
+        return LatentFormat(int(stored["channels"]), tuple(stored["mean"]), tuple(stored["std"]), rgb)
     for preset in REAL_VAE_PRESETS:
         if config.out_dim == VAE_PRESETS[preset].z_dim:
-            return LatentFormat.from_vae_config(VAE_PRESETS[preset])
+            return LatentFormat.from_vae_config(VAE_PRESETS[preset], PUBLISHED_RGB.get(preset))
     allowed = ", ".join(f"{VAE_PRESETS[p].z_dim} ({p} VAE)" for p in REAL_VAE_PRESETS)
     raise CheckpointError(f"{name} predicts {config.out_dim}-channel latents; supported: {allowed}.")
 

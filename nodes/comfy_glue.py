@@ -19,6 +19,7 @@ import torch
 
 MODEL_EXTENSIONS = (".safetensors", ".sft")
 MODELS_DIR_ENV = "SPACETIME_MODELS_DIR"
+PREVIEWS_DIR_ENV = "SPACETIME_PREVIEWS_DIR"
 # ComfyUI folder names; the second name is an older alias ComfyUI also searches.
 FOLDER_ALIASES = {"diffusion_models": "unet", "text_encoders": "clip", "vae": None, "clip_vision": None}
 
@@ -217,23 +218,56 @@ def check_interrupt() -> None:
 
 
 class Progress:
-    """ComfyUI's ProgressBar inside ComfyUI; a text bar on stderr outside it."""
+    """ComfyUI's ProgressBar inside ComfyUI; a text bar on stderr outside it. ``update(done, preview)`` also
+    shows a preview (a callable giving an image ``[H,W,3]`` in 0..1, made only when shown): inside ComfyUI as
+    the progress bar's preview, following the user's preview setting (``--preview-method none`` shows none);
+    outside it written as PNGs to ``$SPACETIME_PREVIEWS_DIR`` when set (the headless runner's ``--previews``)."""
 
     def __init__(self, total: int, label: str):
         utils = _comfy("comfy.utils")
         self._bar = utils.ProgressBar(total) if utils is not None else None
         self.total = total
         self.label = label
+        self._preview_stem: Path | None = None
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, preview: Callable[[], torch.Tensor] | None = None) -> None:
         check_interrupt()
         if self._bar is not None:
-            self._bar.update_absolute(done, self.total)
+            shown = _comfy_preview(preview) if preview is not None else None
+            self._bar.update_absolute(done, self.total, shown)
             return
+        if preview is not None and os.environ.get(PREVIEWS_DIR_ENV):
+            self._write_preview(done, preview())
         width = 30
         filled = width * done // max(self.total, 1)
         end = "\n" if done >= self.total else ""
         print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}", end=end, file=sys.stderr, flush=True)
+
+    def _write_preview(self, done: int, image: torch.Tensor) -> None:
+        """``<dir>/<label>_<run>_step<NNN>.png``, a new run number per progress bar."""
+        from PIL import Image
+
+        if self._preview_stem is None:
+            folder = Path(os.environ[PREVIEWS_DIR_ENV]).expanduser()
+            folder.mkdir(parents=True, exist_ok=True)
+            label = "".join(c if c.isalnum() else "_" for c in self.label)
+            run = 1 + sum(1 for _ in folder.glob(f"{label}_*_step001.png"))
+            self._preview_stem = folder / f"{label}_{run:04d}"
+        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        Image.fromarray(pixels).save(f"{self._preview_stem}_step{done:03d}.png")
+
+
+def _comfy_preview(preview: Callable[[], torch.Tensor]):
+    """ComfyUI's preview tuple ("JPEG", image, max size), or None when the user turned previews off."""
+    cli_args = _comfy("comfy.cli_args")
+    args = getattr(cli_args, "args", None)
+    method = getattr(getattr(args, "preview_method", None), "value", getattr(args, "preview_method", None))
+    if method in (None, "none"):
+        return None
+    from PIL import Image
+
+    pixels = (preview().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return ("JPEG", Image.fromarray(pixels), int(getattr(args, "preview_size", 512) or 512))
 
 
 def progress_callback(label: str) -> Callable[[int, int], None]:

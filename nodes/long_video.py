@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..jobs.long_video import generate_long_video, plan_long_video
+from ..jobs.text_to_video import step_preview
 from ..model_defs.bundles import any_vae_rules
 from . import comfy_glue
 from .widgets import HEIGHT, SEED, SOLVER_WIDGETS, STRENGTH, WIDTH, literal_values, solver_rule, solver_settings, validate_inputs
@@ -60,6 +61,6 @@ class SpacetimeLongVideo:
         with comfy_glue.device_slot() as slot, comfy_glue.on_device(vae.vae, "vae") as vae_device:
             video = generate_long_video(
                 model, vae, positive, negative, plan, seed, settings, strength, slot.device, vae_device,
-                on_chunk=on_chunk, on_step=lambda done, _total: progress.update(finished + done), use=slot.use,
+                on_chunk=on_chunk, on_step=lambda done, _total, x0: progress.update(finished + done, step_preview(model, x0)), use=slot.use,
             )
         return (video,)

@@ -1,7 +1,7 @@
 """Text encode, empty video latent and the sampler."""
 from __future__ import annotations
 
-from ..jobs.text_to_video import empty_latent, encode_prompts, generate, pair_experts
+from ..jobs.text_to_video import empty_latent, encode_prompts, generate, pair_experts, step_preview
 from ..jobs.video_prompts import check_image_prompt, image_condition
 from . import comfy_glue
 from .widgets import CFG_LOW_NOISE, DENOISE, SWITCH_STEP, FRAMES, HEIGHT, KNOWN_FRAMES, SEED, SOLVER_WIDGETS, WIDTH, size_rule, solver_rule, solver_settings, validate_inputs
@@ -96,7 +96,7 @@ class SpacetimeSampler:
         with comfy_glue.device_slot() as slot:
             samples = generate(
                 model, positive, negative, latent["samples"], seed, settings, slot.device,
-                on_step=lambda done, total, _x0: progress.update(done),
+                on_step=lambda done, total, x0: progress.update(done, step_preview(model, x0)),
                 known=None if known_frames is None else known_frames.known, use=slot.use, image=image,
             )
         return ({**latent, "samples": samples},)

@@ -20,13 +20,13 @@ import torch
 
 from ..model_defs.builtin import BUILTIN_DIT_PRESET, WEIGHTS_DIR
 from ..model_defs.bundles import LatentFormat
-from ..model_defs.checkpoint import load_vae, read_safetensors, save_dit, save_vae
+from ..model_defs.checkpoint import load_vae, read_latent_rgb, read_safetensors, save_dit, save_vae
 from ..model_defs.text_encoders import MiniLMTextEncoder
 from ..model_defs.wan_dit import DIT_PRESETS
 from .clips import DIT_SIZES, FRAMES, SIZE
 from .dit_stage import encode_dataset, train_dit
 from .metrics import vae_psnr
-from .vae_stages import train_vae, with_latent_stats
+from .vae_stages import fit_preview_rgb, train_vae, with_latent_stats
 
 STAGES = ("vae", "decoder", "dit")
 
@@ -72,12 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     vae_path, dit_path = args.out / "vae.safetensors", args.out / "dit.safetensors"
     if "vae" in stages:
         vae = with_latent_stats(train_vae(args.vae_steps, args.seed, log, device=args.device), args.seed)
-        save_vae(vae, vae_path)
+        save_vae(vae, vae_path, fit_preview_rgb(vae, args.seed))
         log(f"VAE held-out PSNR: {vae_psnr(vae, args.seed + 1):.2f} dB; wrote {vae_path}")
     if "decoder" in stages:
         vae = train_vae(args.decoder_steps, args.seed + 1, log, vae=load_vae(vae_path, torch.float32), device=args.device,
                         clip_steps=args.decoder_clip_steps, cut_steps=args.decoder_cut_steps)
-        save_vae(vae, vae_path)
+        save_vae(vae, vae_path, read_latent_rgb(vae_path))  # the encoder, hence the latents, did not change
         log(f"VAE held-out PSNR after the decoder stage: {vae_psnr(vae, args.seed + 1):.2f} dB; wrote {vae_path}")
     if "dit" in stages:
         vae = load_vae(vae_path, torch.float32).to(args.device)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         dit_config = DIT_PRESETS[BUILTIN_DIT_PRESET]
         buckets, embeddings, empty = encode_dataset(vae, args.clips, args.seed, encoder, dit_config.text_len, log,
                                                     variants=args.caption_variants, sizes=DIT_SIZES if args.dit_sizes else ((SIZE, SIZE, FRAMES),))
-        latent_format = LatentFormat.from_vae_config(vae.config)
+        latent_format = LatentFormat.from_vae_config(vae.config, read_latent_rgb(vae_path))
         buckets = [(latent_format.normalize(latents), rows) for latents, rows in buckets]  # on the CPU; each batch moves to the device
 
         def save(state: dict[str, torch.Tensor]) -> None:

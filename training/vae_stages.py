@@ -8,7 +8,9 @@ import numpy as np
 import torch
 
 from ..model_defs.builtin import BUILTIN_VAE_PRESET
+from ..model_defs.bundles import LatentFormat
 from ..model_defs.known_frames import encode_run
+from ..model_defs.previews import LatentRGB, fit_latent_rgb
 from ..model_defs.wan_vae import VAE_PRESETS, WanVAE
 from .clips import FRAMES, SIZE, object_crops, render_pool, render_pool_with_coverage, to_video
 from .lr_schedule import cosine_lr
@@ -139,3 +141,18 @@ def with_latent_stats(vae: WanVAE, seed: int, clips: int = 256) -> WanVAE:
     mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
     vae.config = dataclasses.replace(vae.config, latents_mean=tuple(mean.tolist()), latents_std=tuple(std.tolist()))
     return vae
+
+
+@torch.no_grad()
+def fit_preview_rgb(vae: WanVAE, seed: int, clips: int = 64) -> LatentRGB:
+    """The latent -> RGB map of the sampler's previews for this VAE (``model_defs.previews``): least squares from
+    each normalized latent pixel to the mean colour of the pixels it stands for (its ``sf x sf`` block of its
+    frames: frame 0 for latent frame 0, the ``tf`` frames after for each later one), over ``clips`` clips."""
+    device = next(vae.parameters()).device
+    video = to_video(render_pool(clips, seed * 17 + 5)[0])  # [N,3,T,H,W] in -1..1
+    latents = LatentFormat.from_vae_config(vae.config).normalize(vae.encode(video.to(device)).cpu())  # [N,C,T',h,w]
+    tf, sf = vae.config.temporal_factor, vae.config.spatial_factor
+    first, rest = video[:, :, :1], video[:, :, 1:]
+    grouped = torch.cat([first, rest.unflatten(2, (-1, tf)).mean(dim=3)], dim=2)  # [N,3,T',H,W]: each latent frame's frames
+    targets = torch.nn.functional.avg_pool3d(grouped, (1, sf, sf))  # [N,3,T',h,w]
+    return fit_latent_rgb(latents.movedim(1, -1).reshape(-1, latents.shape[1]), targets.movedim(1, -1).reshape(-1, 3))
