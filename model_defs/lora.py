@@ -75,11 +75,12 @@ class LinearDelta:
     diff: torch.Tensor | None = None
     diff_b: torch.Tensor | None = None
 
-    def weight_delta(self) -> torch.Tensor | None:
-        """The whole weight delta ``[out, in]`` fp32 (what merging adds), or None without weight terms."""
-        delta = None if self.down is None else self.scale * (self.up.float() @ self.down.float())
+    def weight_delta(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The whole weight delta ``[out, in]`` fp32 on ``device`` (what merging adds), or None without weight terms."""
+        cast = dict(device=device, dtype=torch.float32)
+        delta = None if self.down is None else self.scale * (self.up.to(**cast) @ self.down.to(**cast))
         if self.diff is not None:
-            delta = self.diff.float() if delta is None else delta + self.diff.float()
+            delta = self.diff.to(**cast) if delta is None else delta + self.diff.to(**cast)
         return delta
 
 
@@ -273,8 +274,8 @@ def _unmerged_terms(deltas: list[tuple[float, LinearDelta]], device, dtype) -> _
     low_rank = [(s * d.scale, d) for s, d in deltas if d.down is not None]
     down = torch.cat([d.down.to(**cast) for _, d in low_rank]) if low_rank else None
     up = torch.cat([(c * d.up.float()).to(**cast) for c, d in low_rank], dim=1) if low_rank else None
-    weight = _sum([s * d.diff.float() for s, d in deltas if d.diff is not None])
-    bias = _sum([s * d.diff_b.float() for s, d in deltas if d.diff_b is not None])
+    weight = _sum([s * d.diff.to(device, torch.float32) for s, d in deltas if d.diff is not None])
+    bias = _sum([s * d.diff_b.to(device, torch.float32) for s, d in deltas if d.diff_b is not None])
     return _Terms(down, up, None if weight is None else weight.to(**cast), None if bias is None else bias.to(**cast))
 
 
@@ -282,35 +283,34 @@ class _Swaps:
     """Parameters and buffers replaced for a run, put back (the very same tensor objects) by ``restore``."""
 
     def __init__(self):
-        self._done: list[tuple[nn.Module, dict, str, torch.Tensor]] = []
+        self._done: list[tuple[dict, str, torch.Tensor]] = []
 
     def replace(self, owner: nn.Module, attr: str, value: torch.Tensor) -> None:
         table = owner._parameters if attr in owner._parameters else owner._buffers
-        self._done.append((owner, table, attr, table[attr]))
+        self._done.append((table, attr, table[attr]))
         table[attr] = nn.Parameter(value, requires_grad=False) if table is owner._parameters else value
 
     def restore(self) -> None:
         while self._done:
-            _owner, table, attr, original = self._done.pop()
+            table, attr, original = self._done.pop()
             table[attr] = original
 
 
 def _merge_linear(module: nn.Module, deltas: list[tuple[float, LinearDelta]], compute_dtype: torch.dtype, swaps: _Swaps) -> None:
-    """Fold the deltas into the layer's weight and bias (an FP8Linear's weight dequantized to ``compute_dtype``)."""
+    """Fold the deltas into the layer's weight and bias, computed on the layer's device (an FP8Linear's weight
+    dequantized to ``compute_dtype`` for the run)."""
     weight = module.weight
-    if isinstance(module, FP8Linear):
-        base, dtype = weight.float() * module.scale_weight.float(), compute_dtype
-        swaps.replace(module, "scale_weight", torch.ones_like(module.scale_weight))
-    else:
-        base, dtype = weight.float(), weight.dtype
-    weight_deltas = [s * w for s, d in deltas if (w := d.weight_delta()) is not None]
-    if weight_deltas or isinstance(module, FP8Linear):
-        total = base + _sum(weight_deltas).to(weight.device) if weight_deltas else base
-        swaps.replace(module, "weight", total.to(dtype))
-    bias_deltas = [s * d.diff_b.float() for s, d in deltas if d.diff_b is not None]
+    weight_deltas = [s * w for s, d in deltas if (w := d.weight_delta(weight.device)) is not None]
+    if weight_deltas:
+        if isinstance(module, FP8Linear):
+            base, dtype = weight.float() * module.scale_weight.float(), compute_dtype
+            swaps.replace(module, "scale_weight", torch.ones_like(module.scale_weight))
+        else:
+            base, dtype = weight.float(), weight.dtype
+        swaps.replace(module, "weight", (base + _sum(weight_deltas)).to(dtype))
+    bias_deltas = [s * d.diff_b.to(module.bias.device, torch.float32) for s, d in deltas if d.diff_b is not None]
     if bias_deltas:
-        bias = module.bias
-        swaps.replace(module, "bias", (bias.float() + _sum(bias_deltas).to(bias.device)).to(bias.dtype))
+        swaps.replace(module, "bias", (module.bias.float() + _sum(bias_deltas)).to(module.bias.dtype))
 
 
 @contextlib.contextmanager
@@ -325,12 +325,12 @@ def applied(dit: nn.Module, loras: Sequence[AppliedLora]) -> Iterator[nn.Module]
     try:
         with torch.no_grad():
             by_layer: dict[tuple[str, str], list[tuple[float, LinearDelta]]] = defaultdict(list)
-            param_deltas: dict[str, list[torch.Tensor]] = defaultdict(list)
+            param_deltas: dict[str, list[tuple[float, torch.Tensor]]] = defaultdict(list)
             for item in active:
                 for name, delta in item.lora.linears.items():
                     by_layer[(name, item.mode)].append((item.strength, delta))
                 for name, delta in item.lora.params.items():
-                    param_deltas[name].append(item.strength * delta.float())
+                    param_deltas[name].append((item.strength, delta))
             for (name, mode), deltas in by_layer.items():
                 module = dit.get_submodule(name)
                 if mode == "merged":
@@ -344,7 +344,8 @@ def applied(dit: nn.Module, loras: Sequence[AppliedLora]) -> Iterator[nn.Module]
                 owner_name, _, attr = name.rpartition(".")
                 owner = dit.get_submodule(owner_name)
                 original = owner._parameters[attr]
-                swaps.replace(owner, attr, (original.float() + _sum(deltas).to(original.device)).to(original.dtype))
+                total = _sum([s * d.to(original.device, torch.float32) for s, d in deltas])
+                swaps.replace(owner, attr, (original.float() + total).to(original.dtype))
         yield dit
     finally:
         for handle in handles:

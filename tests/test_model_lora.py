@@ -14,7 +14,7 @@ from comfyui_spacetime.jobs.text_to_video import generate, pair_experts, stepwis
 from comfyui_spacetime.kernels import REFERENCE
 from comfyui_spacetime.model_defs.bundles import LatentFormat, SpacetimeConditioning, SpacetimeModel
 from comfyui_spacetime.model_defs.checkpoint import CheckpointError, build_dit
-from comfyui_spacetime.model_defs.flow_matching import SolverSettings, guided_velocity
+from comfyui_spacetime.model_defs.flow_matching import SolverSettings
 from comfyui_spacetime.model_defs.fp8 import FP8Linear
 from comfyui_spacetime.model_defs.lora import applied, read_lora
 from comfyui_spacetime.model_defs.text_encoders import EncodedText
