@@ -134,9 +134,9 @@ def _sample_pack(
             return velocity
 
         sigmas = settings.sigmas()
-        velocity, step_start = stepwise_velocity(model, sigmas, settings, velocity_of, use)
         callback = None if on_step is None else (lambda done, _total, _x0: on_step(done))
-        result = sample(velocity, x0_start[None], noise[None], sigmas, settings.scheduler, callback, None, step_start)[0]  # [T,P]
+        with stepwise_velocity(model, sigmas, settings, velocity_of, use) as (velocity, step_start):
+            result = sample(velocity, x0_start[None], noise[None], sigmas, settings.scheduler, callback, None, step_start)[0]  # [T,P]
     lengths = [math.prod(grid) for grid in grids]
     return [
         model.latent_format.denormalize(unpatchify(part, grid, patch)[None]).float().cpu()  # [1,C,T',H',W']

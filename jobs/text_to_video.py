@@ -2,8 +2,9 @@
 sampler that turns noise into raw latents under text conditioning, optionally holding known frames."""
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -11,6 +12,7 @@ from ..model_defs.bundles import ImageCondition, SpacetimeConditioning, Spacetim
 from ..model_defs.flow_matching import SolverSettings, StepCallback, StepStart, VelocityFn, guided_velocity, initial_noise, sample
 from ..model_defs.experts import ExpertSwitch, default_boundary
 from ..model_defs.known_frames import KnownLatents
+from ..model_defs.lora import applied
 from ..model_defs.previews import PREVIEW_MODES, preview_image
 from ..model_defs.wan_dit import WanDiT
 
@@ -66,9 +68,9 @@ def generate(
     model_fn = _conditioned(image, tuple(latent.shape), device) if model.image_channels else (lambda dit: dit)
     sigmas = settings.sigmas()
     with torch.inference_mode():
-        velocity, step_start = stepwise_velocity(
-            model, sigmas, settings, lambda dit, cfg: guided_velocity(model_fn(dit), pos_ctx, neg_ctx, cfg), use)
-        result = sample(velocity, x0_start, noise, sigmas, settings.scheduler, on_step, guide, step_start)
+        velocity_of = lambda dit, cfg: guided_velocity(model_fn(dit), pos_ctx, neg_ctx, cfg)  # noqa: E731
+        with stepwise_velocity(model, sigmas, settings, velocity_of, use) as (velocity, step_start):
+            result = sample(velocity, x0_start, noise, sigmas, settings.scheduler, on_step, guide, step_start)
     return model.latent_format.denormalize(result).float().cpu()
 
 
@@ -115,35 +117,43 @@ def pair_experts(high: SpacetimeModel, low: SpacetimeModel, switch_step: int = -
     return high.with_low_noise_expert(low, switch)
 
 
+@contextlib.contextmanager
 def stepwise_velocity(
     model: SpacetimeModel,
     sigmas: torch.Tensor,
     settings: SolverSettings,
     velocity_of: Callable[[WanDiT, float], VelocityFn],
     use: ModuleUse | None,
-) -> tuple[VelocityFn, StepStart]:
-    """The velocity the solver calls, and the ``step_start`` that picks the DiT of each step: the model's
-    one DiT, or an expert pair's high-noise expert until its switch step and the low-noise one after (at
-    its own cfg when set). ``velocity_of(dit, cfg)`` makes one DiT's velocity; ``use`` places a DiT before
-    its first step."""
-    stages = [(model.dit, settings.cfg)]
+) -> Iterator[tuple[VelocityFn, StepStart]]:
+    """``with stepwise_velocity(...) as (velocity, step_start):`` the velocity the solver calls, and the
+    ``step_start`` that picks the DiT of each step: the model's one DiT, or an expert pair's high-noise expert
+    until its switch step and the low-noise one after (at its own cfg when set). ``velocity_of(dit, cfg)`` makes
+    one DiT's velocity; ``use`` places a DiT before its first step, and then that DiT's LoRAs are applied to it
+    (``lora.applied``) until the other expert takes over or the block ends, also when it raises: outside the
+    block every DiT holds its own weights."""
+    stages = [(model.dit, settings.cfg, model.loras)]
     first_low = len(sigmas) - 1
     if model.low_noise is not None:
         low_cfg = settings.cfg if model.switch.cfg_low_noise is None else model.switch.cfg_low_noise
-        stages.append((model.low_noise.dit, low_cfg))
+        stages.append((model.low_noise.dit, low_cfg, model.low_noise.loras))
         first_low = model.switch.first_low_noise_step(sigmas)
         log.info("Spacetime: %s", model.switch.describe(sigmas))
     current: list[tuple[WanDiT, VelocityFn]] = []
 
-    def step_start(index: int) -> None:
-        dit, cfg = stages[1] if index >= first_low else stages[0]
-        if not current or current[0][0] is not dit:
-            if use is not None:
-                with torch.inference_mode(False):  # weights moved here stay normal tensors (ComfyUI patches them later)
-                    use(dit)
-            current[:] = [(dit, velocity_of(dit, cfg))]
+    with contextlib.ExitStack() as lora_stack:
 
-    def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return current[0][1](x, timesteps)
+        def step_start(index: int) -> None:
+            dit, cfg, loras = stages[1] if index >= first_low else stages[0]
+            if not current or current[0][0] is not dit:
+                lora_stack.close()  # the previous DiT gets its own weights back before it is released
+                current.clear()
+                if use is not None:
+                    with torch.inference_mode(False):  # weights moved here stay normal tensors (ComfyUI patches them later)
+                        use(dit)
+                lora_stack.enter_context(applied(dit, loras))
+                current[:] = [(dit, velocity_of(dit, cfg))]
 
-    return velocity, step_start
+        def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return current[0][1](x, timesteps)
+
+        yield velocity, step_start

@@ -5,6 +5,7 @@ node needs to validate its inputs without reaching into the module.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,8 +18,9 @@ from .text_encoders import EncodedText
 from .wan_dit import WanDiT
 from .wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig
 
-if TYPE_CHECKING:  # clip_vision reads files through checkpoint, which imports this module
+if TYPE_CHECKING:  # clip_vision and lora read files through checkpoint, which imports this module
     from .clip_vision import ClipVisionConfig, ClipVisionEncoder
+    from .lora import AppliedLora, LoraFile
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,7 +55,8 @@ class LatentFormat:
 class SpacetimeModel:
     """SPACETIME_MODEL: a DiT, the latent format it was trained in, and the kernel backend it runs on.
     A Wan 2.2 A14B pair (``with_low_noise_expert``): ``dit`` is the high-noise expert, ``low_noise``
-    the low-noise one and ``switch`` when sampling hands over."""
+    the low-noise one and ``switch`` when sampling hands over. ``loras``: the LoRAs the sampler applies to
+    ``dit`` while it runs (``with_lora``; the module itself is never changed outside a sampling run)."""
 
     dit: WanDiT
     latent_format: LatentFormat
@@ -61,6 +64,7 @@ class SpacetimeModel:
     preset: str | None = None
     low_noise: "SpacetimeModel | None" = None
     switch: ExpertSwitch | None = None
+    loras: "tuple[AppliedLora, ...]" = ()
 
     @property
     def holds_known_frames_clean(self) -> bool:
@@ -94,7 +98,20 @@ class SpacetimeModel:
                 f"high_noise_model={self.name!r} and low_noise_model={low_noise.name!r} look swapped; connect the "
                 "high_noise file to high_noise_model"
             )
-        return SpacetimeModel(self.dit, self.latent_format, self.name, self.preset, low_noise, switch)
+        return SpacetimeModel(self.dit, self.latent_format, self.name, self.preset, low_noise, switch, self.loras)
+
+    def with_lora(self, lora: "LoraFile", strength: float = 1.0, mode: str = "unmerged") -> "SpacetimeModel":
+        """This model with ``lora`` added to its LoRAs (they stack), bound to the DiT's layers now so a LoRA that
+        does not fit fails here; one-line errors. An expert pair is refused: each expert takes its own LoRA."""
+        from .lora import AppliedLora, bind_lora
+
+        if self.low_noise is not None:
+            raise ValueError(
+                f"model {self.name} is already a pair of experts; load the LoRA on each expert before Spacetime Pair "
+                "Experts (a LoRA per expert: Wan 2.2 A14B LoRAs come as a high-noise and a low-noise file)"
+            )
+        applied = AppliedLora(bind_lora(lora, self.dit, self.name), strength, mode)
+        return dataclasses.replace(self, loras=self.loras + (applied,))
 
     @property
     def config(self):

@@ -68,7 +68,7 @@ _IN_BLOCK = {
 }
 # Tensors some diffusers I2V checkpoints carry that no model uses (diffusers ignores them on load too).
 _UNUSED = re.compile(r"^blocks\.\d+\.attn2\.norm_added_q\.(weight|bias)$")
-_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$|^blocks\.(\d+)\.(scale_shift_table)$")
+_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 def _rename(name: str, table: dict[str, str], full_key: str) -> str:
@@ -77,26 +77,30 @@ def _rename(name: str, table: dict[str, str], full_key: str) -> str:
     raise KeyError(f"unknown key {full_key!r} in a diffusers-layout Wan DiT")
 
 
+def original_dit_name(name: str, full_key: str | None = None) -> str:
+    """A diffusers ``WanTransformer3DModel`` module or parameter name, without a ``.weight``/``.bias`` ending
+    (``blocks.0.attn1.to_q``, ``scale_shift_table``), as the original Wan name (``blocks.0.self_attn.q``,
+    ``head.modulation``); KeyError naming ``full_key`` (default: ``name``) when it is not one."""
+    full_key = full_key or name
+    match = _BLOCK_NAME.match(name)
+    if match:
+        return f"blocks.{match.group(1)}.{_rename(match.group(2), _IN_BLOCK, full_key)}"
+    if name == "condition_embedder.image_embedder.pos_embed":  # FLF2V's learned CLIP token positions
+        return "img_emb.emb_pos"
+    return _rename(name, _TOP_LEVEL, full_key)
+
+
 def convert_diffusers_dit_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers ``WanTransformer3DModel`` keys -> original Wan keys (tensors unchanged)."""
     converted = {}
     for key, tensor in state_dict.items():
         if _UNUSED.match(key):
             continue
-        match = _BLOCK_KEY.match(key)
-        if match and match.group(5):  # blocks.N.scale_shift_table
-            new_key = f"blocks.{match.group(4)}.{_IN_BLOCK['scale_shift_table']}"
-        elif match:
-            index, name, kind = match.group(1), match.group(2), match.group(3)
-            new_key = f"blocks.{index}.{_rename(name, _IN_BLOCK, key)}.{kind}"
-        elif key == "scale_shift_table":
-            new_key = _TOP_LEVEL[key]
-        elif key == "condition_embedder.image_embedder.pos_embed":  # FLF2V's learned CLIP token positions
-            new_key = "img_emb.emb_pos"
-        else:
-            name, _, kind = key.rpartition(".")
-            new_key = f"{_rename(name, _TOP_LEVEL, key)}.{kind}"
-        converted[new_key] = tensor
+        name, _, kind = key.rpartition(".")
+        if kind in ("weight", "bias"):
+            converted[f"{original_dit_name(name, key)}.{kind}"] = tensor
+        else:  # parameters of their own: scale_shift_table, pos_embed
+            converted[original_dit_name(key)] = tensor
     return converted
 
 

@@ -1,6 +1,7 @@
 """ComfyUI nodes of the pack (V1 classes). Node ids are prefixed ``Spacetime`` to avoid clashes."""
 from .hub import SpacetimeHubDownload
 from .long_video import SpacetimeLongVideo
+from .lora import SpacetimeLoadLoRA
 from .loaders import SpacetimeCLIPVisionLoader, SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
 from .packed import SpacetimePackedSampler
 from .sampling import SpacetimeEmptyLatentVideo, SpacetimeExpertPair, SpacetimeSampler, SpacetimeTextEncode
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "SpacetimeVAELoader": SpacetimeVAELoader,
     "SpacetimeTextEncoderLoader": SpacetimeTextEncoderLoader,
     "SpacetimeCLIPVisionLoader": SpacetimeCLIPVisionLoader,
+    "SpacetimeLoadLoRA": SpacetimeLoadLoRA,
     "SpacetimeTextEncode": SpacetimeTextEncode,
     "SpacetimeEmptyLatentVideo": SpacetimeEmptyLatentVideo,
     "SpacetimeSampler": SpacetimeSampler,
@@ -32,6 +34,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SpacetimeVAELoader": "Spacetime Load VAE",
     "SpacetimeTextEncoderLoader": "Spacetime Load Text Encoder",
     "SpacetimeCLIPVisionLoader": "Spacetime Load CLIP Vision",
+    "SpacetimeLoadLoRA": "Spacetime Load LoRA",
     "SpacetimeTextEncode": "Spacetime Text Encode",
     "SpacetimeEmptyLatentVideo": "Spacetime Empty Video Latent",
     "SpacetimeSampler": "Spacetime Sampler",

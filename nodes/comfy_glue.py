@@ -21,7 +21,7 @@ MODEL_EXTENSIONS = (".safetensors", ".sft")
 MODELS_DIR_ENV = "SPACETIME_MODELS_DIR"
 PREVIEWS_DIR_ENV = "SPACETIME_PREVIEWS_DIR"
 # ComfyUI folder names; the second name is an older alias ComfyUI also searches.
-FOLDER_ALIASES = {"diffusion_models": "unet", "text_encoders": "clip", "vae": None, "clip_vision": None}
+FOLDER_ALIASES = {"diffusion_models": "unet", "text_encoders": "clip", "vae": None, "clip_vision": None, "loras": None}
 
 
 def _comfy(module: str):

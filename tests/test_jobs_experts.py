@@ -69,14 +69,15 @@ def test_sampling_matches_diffusers_wan22_pipeline_step_by_step(experts):
     sigmas = settings.sigmas()
     placed, inputs = [], []
     with torch.no_grad():
-        velocity, step_start = stepwise_velocity(
-            pair, sigmas, settings, lambda dit, cfg: guided_velocity(dit, positive, negative, cfg), placed.append)
+        with stepwise_velocity(
+            pair, sigmas, settings, lambda dit, cfg: guided_velocity(dit, positive, negative, cfg), placed.append
+        ) as (velocity, step_start):
 
-        def spy(x, t):
-            inputs.append(x.clone())  # the model input of step i is the sample after step i - 1
-            return velocity(x, t)
+            def spy(x, t):
+                inputs.append(x.clone())  # the model input of step i is the sample after step i - 1
+                return velocity(x, t)
 
-        final = sample(spy, torch.zeros(shape), noise, sigmas, "unipc", None, None, step_start)
+            final = sample(spy, torch.zeros(shape), noise, sigmas, "unipc", None, None, step_start)
     ours = inputs[1:] + [final]
 
     first_low = pair.switch.first_low_noise_step(sigmas)
