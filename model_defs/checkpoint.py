@@ -7,9 +7,13 @@ Files are written to a temporary name beside the target and renamed when complet
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import math
 import os
 import re
+import struct
+import weakref
 from pathlib import Path
 
 import torch
@@ -64,20 +68,81 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> tupl
     if not path.is_file():
         raise FileNotFoundError(f"Model file not found: {path}")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {}
-            for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype not in FP8_DTYPES:
-                    tensor = tensor.to(dtype)
-                tensors[key] = tensor
-    except Exception as exc:  # safetensors raises its own error types for truncated/garbled headers
+        tensors, metadata = _read_tensors(path, dtype)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:  # a truncated or garbled file
         raise CheckpointError(
             f"{path.name} is not a readable .safetensors file (truncated download or another format?): {exc}. "
             "Download it again."
         ) from exc
     return tensors, metadata
+
+
+# safetensors' dtype names (the format: an 8-byte little-endian header length, a JSON header of
+# {name: {dtype, shape, data_offsets}} and "__metadata__", then the tensors' bytes, little-endian)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 2**20
+
+
+def _read_tensors(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file read tensor by tensor with plain reads (no memory map: mapped pages of the file would count in
+    the process's memory beside the copies), in file order so the disk reads straight through. A tensor cast
+    to ``dtype`` is read into one reused scratch buffer and converted into its final tensor, so nothing but
+    the result and one tensor's bytes is ever held: about the model's size in ``dtype`` at the peak."""
+    size = path.stat().st_size
+    scratch = torch.empty(0, dtype=torch.uint8)
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if not 0 < length <= min(_MAX_HEADER, size - 8):
+            raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+        header = json.loads(handle.read(length))
+        metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        base = 8 + length
+        tensors = {}
+        for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            start, end = (int(v) for v in info["data_offsets"])
+            stored = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(n) for n in info["shape"]]
+            cast = dtype is not None and stored.is_floating_point and stored not in FP8_DTYPES and stored != dtype
+            count = end - start
+            if count != math.prod(shape) * stored.itemsize or base + end > size:
+                raise ValueError(f"tensor {key!r}: bytes {start}..{end} do not hold {info['dtype']} {shape} in a file of {size} bytes")
+            if cast and scratch.numel() < count:
+                scratch = torch.empty(count, dtype=torch.uint8)
+            raw = scratch[:count] if cast else torch.empty(count, dtype=torch.uint8)
+            handle.seek(base + start)
+            if count and handle.readinto(raw.numpy()) != count:
+                raise ValueError(f"tensor {key!r} ends past the end of the file")
+            tensor = raw.view(stored).view(shape)
+            tensors[key] = torch.empty(shape, dtype=dtype).copy_(tensor) if cast else tensor
+    return tensors, metadata
+
+
+def return_memory_when_freed(module: torch.nn.Module) -> torch.nn.Module:
+    """Give a loaded model's RAM back to the system once all its tensors are garbage: glibc keeps freed heap
+    memory for reuse, so without ``malloc_trim`` a model the user dropped would still count against the
+    machine. (A finalizer on the module itself would run before its tensors are freed.)"""
+    tensors = list(module.parameters()) + list(module.buffers())
+    remaining = [len(tensors)]
+
+    def one_freed() -> None:
+        remaining[0] -= 1
+        if remaining[0] == 0:
+            _malloc_trim()
+
+    for tensor in tensors:
+        weakref.finalize(tensor, one_freed)
+    return module
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): the allocator returns memory its own way
+        pass
 
 
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
@@ -196,7 +261,7 @@ def build_dit(
                 f"{name}: tensor {key} has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)}."
             )
     model.load_state_dict(cast_for_compute(state_dict, dtype), assign=True)
-    return model.eval().requires_grad_(False)
+    return return_memory_when_freed(model.eval().requires_grad_(False))
 
 
 def read_family(path: str | Path, dtype: torch.dtype, family: str, expected: str, convert_diffusers) -> tuple[dict, dict]:
@@ -224,7 +289,7 @@ def load_vae(path: str | Path, dtype: torch.dtype) -> WanVAE:
         model.load_state_dict(dequantize_fp8(state_dict, dtype), assign=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{name} does not match the Wan VAE layout: {exc}") from exc
-    return model.eval().requires_grad_(False)
+    return return_memory_when_freed(model.eval().requires_grad_(False))
 
 
 def latent_format_for(config: WanDiTConfig, metadata: dict[str, str], name: str) -> LatentFormat:
