@@ -90,8 +90,8 @@ class SpacetimeModel:
             )
         if low_noise.name == self.name or _same_weights(self.dit, low_noise.dit):
             raise ValueError(
-                f"low_noise_model is the same expert as high_noise_model ({self.name}); load the other file of the "
-                "pair (e.g. wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors with ..._high_noise_...)"
+                f"low_noise_model is the same expert as high_noise_model ({self.name}); connect the pair's other file "
+                "(its name has low_noise where this one has high_noise) to low_noise_model"
             )
         if "low_noise" in self.name.lower() and "high_noise" in low_noise.name.lower():
             raise ValueError(
