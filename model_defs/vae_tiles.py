@@ -24,14 +24,16 @@ import torch
 from .sizes import nearest_allowed
 from .wan_vae import ChunkCallback
 
-# Defaults, in pixels. 256-px tiles keep a Wan 2.1 decode's working set (its last stage: 96 channels x 4 frames
-# at full resolution, per chunk) near 0.5 GB in fp32 whatever the frame; a 64-px overlap (8 latent pixels for
-# Wan 2.1, 4 for Wan 2.2) covers most of what the convolutions near a seam see, for 1.8x the untiled
-# work at most (32 px: visibly larger seams on the built-in VAE, see the tests).
+# Defaults, in pixels. A 256-px tile keeps a Wan 2.1 decode's working set at what an untiled 256x256 frame needs
+# (BENCHMARKS.md, "Tiled VAE": ~0.65 GB in fp32 on a CPU for the first chunk, flat in the frame's size, where an
+# untiled 512x512 frame needs 2 GB). A 64-px overlap is 8 latent pixels of Wan 2.1 (4 of Wan 2.2): a wide band
+# for the feathered blend, at a cost of at most (256/192)^2 = 1.8x the untiled work; tile_spans spreads any spare
+# length over the overlaps, so they are often wider.
 DEFAULT_TILE = 256
 DEFAULT_OVERLAP = 64
 # Auto tiles frames above this many pixels: 832x480 (Wan's 480p) and smaller stay untiled, so their result is
-# unchanged; 1280x720 is tiled (untiled it needs ~4x the memory of 480p, see BENCHMARKS.md).
+# unchanged and no time is spent on overlaps; 1280x720 is tiled (untiled memory grows with the area: 3.1x from
+# 256x256 to 512x512 in BENCHMARKS.md).
 AUTO_UNTILED_PIXELS = 832 * 480
 
 TileRun = Callable[[torch.Tensor, ChunkCallback | None], torch.Tensor]
