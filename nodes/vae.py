@@ -1,8 +1,10 @@
-"""VAE decode (LATENT -> IMAGE frames) and encode (IMAGE frames -> LATENT), streamed chunk by chunk."""
+"""VAE decode (LATENT -> IMAGE frames) and encode (IMAGE frames -> LATENT), streamed chunk by chunk and
+tiled in space for large frames."""
 from __future__ import annotations
 
 from ..jobs.vae_frames import decode_frames, encode_frames
 from . import comfy_glue
+from .widgets import TILE_SIZE, tile_rule, validate_inputs
 
 
 class SpacetimeVAEDecode:
@@ -13,11 +15,17 @@ class SpacetimeVAEDecode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae": ("SPACETIME_VAE",), "samples": ("LATENT",)}}
+        # optional: workflows saved before it existed (no value for it in widgets_values) keep working
+        return {"required": {"vae": ("SPACETIME_VAE",), "samples": ("LATENT",)}, "optional": {"tile_size": TILE_SIZE}}
 
-    def decode(self, vae, samples):
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        return validate_inputs(cls, values, tile_rule)
+
+    def decode(self, vae, samples, tile_size: int = 0):
         with comfy_glue.on_device(vae.vae, "vae") as device:
-            return (decode_frames(vae, samples["samples"], device, comfy_glue.progress_callback("decoding")),)
+            progress = comfy_glue.progress_callback("decoding")
+            return (decode_frames(vae, samples["samples"], device, progress, tile_size),)
 
 
 class SpacetimeVAEEncode:
@@ -28,9 +36,13 @@ class SpacetimeVAEEncode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae": ("SPACETIME_VAE",), "pixels": ("IMAGE",)}}
+        return {"required": {"vae": ("SPACETIME_VAE",), "pixels": ("IMAGE",)}, "optional": {"tile_size": TILE_SIZE}}
 
-    def encode(self, vae, pixels):
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        return validate_inputs(cls, values, tile_rule)
+
+    def encode(self, vae, pixels, tile_size: int = 0):
         with comfy_glue.on_device(vae.vae, "vae") as device:
-            latent = encode_frames(vae, pixels, device, comfy_glue.progress_callback("encoding"))
+            latent = encode_frames(vae, pixels, device, comfy_glue.progress_callback("encoding"), tile_size)
         return ({"samples": latent},)

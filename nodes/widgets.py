@@ -7,6 +7,7 @@ import math
 
 from ..model_defs.bundles import any_vae_rules
 from ..model_defs.flow_matching import SOLVERS, SolverSettings
+from ..model_defs.vae_tiles import check_tile_size
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 KNOWN_FRAMES = "SPACETIME_KNOWN_FRAMES"
@@ -33,6 +34,11 @@ _RULES = any_vae_rules()  # the widgets' steps: every supported family's sizes a
 WIDTH = ("INT", {"default": 64, "min": _RULES.width_unit, "max": 8192, "step": _RULES.width_unit})
 HEIGHT = ("INT", {"default": 64, "min": _RULES.height_unit, "max": 8192, "step": _RULES.height_unit})
 FRAMES = ("INT", {"default": 17, "min": 1, "max": 4097, "step": _RULES.temporal_factor, "tooltip": f"1 + {_RULES.temporal_factor}k frames."})
+TILE_SIZE = ("INT", {
+    "default": 0, "min": 0, "max": 4096, "step": 32,
+    "tooltip": "Pixels per spatial tile (a multiple of the VAE's factor: 8 for Wan 2.1, 16 for Wan 2.2), tiles overlap and are "
+               "blended; 0: auto (untiled up to 832x480, else 256-px tiles). Smaller tiles: less memory, more time.",
+})
 STRENGTH = ("FLOAT", {
     "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
     "tooltip": "1 keeps the given frames exactly; lower blends them with what the model generates; 0 ignores them.",
@@ -117,6 +123,12 @@ def size_rule(values: dict) -> None:
     """width, height and frames as any supported VAE takes them (the loaded one's rules at run time)."""
     width, height, frames = literal_values(values, "width", "height", "frames")
     any_vae_rules().check_size(width, height, frames)
+
+
+def tile_rule(values: dict) -> None:
+    """tile_size as any supported VAE takes it (the smallest factor); the loaded VAE's factor is checked at run time."""
+    (tile_size,) = literal_values(values, "tile_size")
+    check_tile_size(tile_size, _RULES.spatial_factor)
 
 
 def solver_rule(values: dict) -> None:
