@@ -31,10 +31,11 @@ from .wan_vae import ChunkCallback
 # length over the overlaps, so they are often wider.
 DEFAULT_TILE = 256
 DEFAULT_OVERLAP = 64
-# Auto tiles frames above this many pixels: 832x480 (Wan's 480p) and smaller stay untiled, so their result is
-# unchanged and no time is spent on overlaps; 1280x720 is tiled (untiled memory grows with the area: 3.1x from
-# 256x256 to 512x512 in BENCHMARKS.md).
-AUTO_UNTILED_PIXELS = 832 * 480
+# Auto tiles frames above this many pixels: 1280x720 (Wan's 720p, TI2V-5B's 1280x704) and smaller stay untiled,
+# so what every published Wan setting decodes is unchanged (tiles differ from the whole frame where the VAE's
+# attention sees one tile: tests/test_jobs_vae_tiles.py) and no time is spent on overlaps; larger frames are tiled
+# (untiled memory grows with the area: 3.1x from 256x256 to 512x512 in BENCHMARKS.md). Set tile_size for less.
+AUTO_UNTILED_PIXELS = 1280 * 720
 
 TileRun = Callable[[torch.Tensor, ChunkCallback | None], torch.Tensor]
 

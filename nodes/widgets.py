@@ -37,7 +37,7 @@ FRAMES = ("INT", {"default": 17, "min": 1, "max": 4097, "step": _RULES.temporal_
 TILE_SIZE = ("INT", {
     "default": 0, "min": 0, "max": 4096, "step": 32,
     "tooltip": "Pixels per spatial tile (a multiple of the VAE's factor: 8 for Wan 2.1, 16 for Wan 2.2), tiles overlap and are "
-               "blended; 0: auto (untiled up to 832x480, else 256-px tiles). Smaller tiles: less memory, more time.",
+               "blended; 0: auto (untiled up to 1280x720, else 256-px tiles). Smaller tiles: less memory, more time.",
 })
 STRENGTH = ("FLOAT", {
     "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,

@@ -140,8 +140,9 @@ def test_spans_cover_the_length_and_ramps_sum_to_one():
 
 def test_auto_tiles_only_large_frames():
     assert auto_tile_size(0, 480, 832, 8) == 0
-    assert auto_tile_size(0, 720, 1280, 8) == 256
-    assert auto_tile_size(0, 720, 1280, 16) == 256
+    assert auto_tile_size(0, 720, 1280, 8) == 0  # Wan's 720p: as before
+    assert auto_tile_size(0, 1080, 1920, 8) == 256
+    assert auto_tile_size(0, 1088, 1920, 16) == 256
     assert auto_tile_size(1280, 720, 1280, 8) == 0  # one tile covers the frame
     assert auto_tile_size(512, 720, 1280, 16) == 512
 
