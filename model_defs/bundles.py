@@ -72,11 +72,6 @@ class SpacetimeModel:
         (``known_frames``), as Wan 2.2 does image-to-video; other models take the mask path."""
         return self.config.model_type == "ti2v"
 
-    @property
-    def dits(self) -> tuple[WanDiT, ...]:
-        """Every DiT of the model: one, or the high- and the low-noise expert."""
-        return (self.dit,) if self.low_noise is None else (self.dit, self.low_noise.dit)
-
     def with_low_noise_expert(self, low_noise: "SpacetimeModel", switch: ExpertSwitch) -> "SpacetimeModel":
         """This model as the high-noise expert of a pair; ValueError naming the input when the two are not
         two different experts of one kind of model."""

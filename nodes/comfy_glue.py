@@ -245,16 +245,13 @@ class Progress:
 
     def _write_preview(self, done: int, image: torch.Tensor) -> None:
         """``<dir>/<label>_<run>_step<NNN>.png``, a new run number per progress bar."""
-        from PIL import Image
-
         if self._preview_stem is None:
             folder = Path(os.environ[PREVIEWS_DIR_ENV]).expanduser()
             folder.mkdir(parents=True, exist_ok=True)
             label = "".join(c if c.isalnum() else "_" for c in self.label)
             run = 1 + sum(1 for _ in folder.glob(f"{label}_*_step001.png"))
             self._preview_stem = folder / f"{label}_{run:04d}"
-        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        Image.fromarray(pixels).save(f"{self._preview_stem}_step{done:03d}.png")
+        _to_pil(image).save(f"{self._preview_stem}_step{done:03d}.png")
 
 
 def _comfy_preview(preview: Callable[[], torch.Tensor]):
@@ -264,10 +261,14 @@ def _comfy_preview(preview: Callable[[], torch.Tensor]):
     method = getattr(getattr(args, "preview_method", None), "value", getattr(args, "preview_method", None))
     if method in (None, "none"):
         return None
+    return ("JPEG", _to_pil(preview()), int(getattr(args, "preview_size", 512) or 512))
+
+
+def _to_pil(image: torch.Tensor):
+    """An image ``[H,W,3]`` in 0..1 as an 8-bit PIL image."""
     from PIL import Image
 
-    pixels = (preview().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return ("JPEG", Image.fromarray(pixels), int(getattr(args, "preview_size", 512) or 512))
+    return Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
 
 
 def progress_callback(label: str) -> Callable[[int, int], None]:

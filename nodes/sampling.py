@@ -4,7 +4,10 @@ from __future__ import annotations
 from ..jobs.text_to_video import empty_latent, encode_prompts, generate, pair_experts, step_preview
 from ..jobs.video_prompts import check_image_prompt, image_condition
 from . import comfy_glue
-from .widgets import CFG_LOW_NOISE, DENOISE, SWITCH_STEP, FRAMES, HEIGHT, KNOWN_FRAMES, SEED, SOLVER_WIDGETS, WIDTH, size_rule, solver_rule, solver_settings, validate_inputs
+from .widgets import (
+    CFG_LOW_NOISE, DENOISE, FRAMES, HEIGHT, KNOWN_FRAMES, SEED, SOLVER_WIDGETS, SWITCH_STEP, WIDTH, size_rule, solver_rule,
+    solver_settings, validate_inputs,
+)
 
 
 class SpacetimeTextEncode:
