@@ -134,14 +134,26 @@ def _attention_fwd_kernel(
              mask=row_ok[:, None])  # fmt: skip
 
 
+# (BLOCK_M, BLOCK_N, warps, stages): a short list, because every distinct (length bucket, head dim) key
+# autotunes once per process and each config costs a compile (~seconds): 128x128 / 8 warps is FlashAttention-2's
+# head-dim-128 tile, 64-row tiles serve short or packed sequences, 32-wide keys short text contexts
+ATTENTION_TILES = (
+    (128, 128, 8, 2),
+    (128, 64, 8, 3),
+    (128, 64, 8, 2),
+    (64, 128, 4, 2),
+    (64, 64, 4, 3),
+    (64, 32, 4, 4),
+    (128, 32, 8, 4),
+)
+
+
 def attention_configs() -> list:
     """Tile shapes tried by the CUDA autotuner (before pruning)."""
+    triton = load_triton()
     return [
-        load_triton().Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-        for block_m in (64, 128)
-        for block_n in (32, 64, 128)
-        for warps in (4, 8)
-        for stages in (2, 3, 4)
+        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        for block_m, block_n, warps, stages in ATTENTION_TILES
     ]
 
 
@@ -179,7 +191,8 @@ def prune_attention_configs(configs: list, named_args: dict, **kwargs) -> list:
         if (config.num_warps == 8) != (block_m == 128):
             continue
         kept.append(config)
-    return kept or [configs[0]]
+    # nothing fits: the smallest tiles, which do wherever anything does
+    return kept or [min(configs, key=lambda c: (c.num_stages * 2 * c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_M"]))]
 
 
 @functools.lru_cache(maxsize=None)

@@ -196,3 +196,21 @@ def test_packed_dispatch_and_reference_checks():
     torch.testing.assert_close(attention_varlen(q, q, q, cu, cu, longest, longest), attention_varlen_ref(q, q, q, cu, cu, 5, 5))
     with pytest.raises(ValueError, match="max_seqlen_q=4 is shorter than the longest sequence"):
         attention_varlen_ref(q, q, q, cu, cu, 4, 5)
+
+
+def test_autotune_keeps_wide_key_tiles_at_head_dim_128_where_they_fit(monkeypatch):
+    """The review's finding: key tiles were capped at 64 wide at head dim 128. Now 128x128 tiles are tried
+    where shared memory holds them, dropped on a small-shared-memory GPU, and no tile is wider than the keys."""
+    from comfyui_spacetime.kernels import attention as module
+
+    configs = module.attention_configs()
+    q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
+
+    def tiles(bucket_k, budget):
+        monkeypatch.setattr(module, "SHARED_MEMORY_BUDGET", budget)
+        kept = module.prune_attention_configs(configs, {"q_ptr": q, "seq_bucket_q": 32768, "seq_bucket_k": bucket_k}, HEAD_DIM=128)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept}
+
+    assert (128, 128) in tiles(32768, 227 * 1024)  # H100 / H200
+    assert (128, 128) not in tiles(32768, 99 * 1024) and tiles(32768, 99 * 1024)  # RTX 4090: smaller tiles remain
+    assert {n for _, n in tiles(32, 227 * 1024)} == {32}  # a 32-key bucket: 32-wide tiles only
