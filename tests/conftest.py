@@ -51,9 +51,17 @@ def pytest_runtest_call(item):
 
     os.environ["TRITON_INTERPRET"] = "0"  # the fixtures' monkeypatch restores its own value at teardown
     torch.set_default_device(device)
+    real_generator = torch.Generator
+    # seeded tests build torch.Generator() (a CPU one) for their inputs: give them one on the test device
+    class OnTestDevice(real_generator):  # a class, not a function: torch's own annotations use "Generator | None"
+        def __new__(cls, device_arg=None, **kwargs):
+            return real_generator(kwargs.get("device", device_arg) or device)
+
+    torch.Generator = OnTestDevice
     try:
         yield
     finally:
+        torch.Generator = real_generator
         torch.set_default_device(None)
 
 
