@@ -132,7 +132,7 @@ class WanImageCrossAttention(WanAttention):
         self.v_img = nn.Linear(dim, dim)
         self.norm_k_img = RMSNorm(dim, eps, backend)
 
-    def forward(self, x: torch.Tensor, attend: Callable[..., torch.Tensor], context: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: Callable[..., torch.Tensor], context: torch.Tensor | None = None) -> torch.Tensor:
         image, text = context[:, : -self.text_len], context[:, -self.text_len :]  # [B,Li,C], [B,L,C]
         q = self.norm_q(self.q(x))  # [B,S,C]
         out = attend(q, self.norm_k(self.k(text)), self.v(text), self.num_heads)  # [B,S,C]
@@ -164,7 +164,7 @@ class WanBlock(nn.Module):
         tok = layout.per_token  # [N,C] -> broadcastable to x
         mod = self.modulation.float() + time_mod  # [N,6,C]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)  # [N,C] each
-        y = self.self_attn(self._modulate(x, tok(shift_msa), tok(scale_msa), self.eps), layout.self_attention, rope=layout.rope)
+        y = self.self_attn(self._modulate(x, tok(shift_msa), tok(scale_msa), self.eps), layout.self_attention, rope=layout.rope)  # like x
         x = self._gated_residual(x, y, tok(gate_msa))  # like x
         x = x + self.cross_attn(self.norm3(x), layout.cross_attention, context)  # like x
         y = self.ffn(self._modulate(x, tok(shift_mlp), tok(scale_mlp), self.eps))  # like x
