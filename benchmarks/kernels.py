@@ -136,17 +136,35 @@ def bench_attention(bench: Bench, kernels, shrink: int, matmul_tflops: float) ->
         bench.add("attention", shape, ours_ms, name, base_ms, flops, "TFLOP/s", matmul_tflops,
                   kernels.attention_triton(q, k, v), base_out)  # fmt: skip
 
+        # the model's hot path: q/k RMSNorm over all heads, 3D RoPE, attention. Ours: the fused norm+RoPE
+        # kernel then the plain attention kernel; baseline: our norm kernel, RoPE once in bf16 torch ops (no
+        # fp32 round trip), then the best SDPA: the same work, so the ratio is the two fusions' worth
         angles = torch.rand(tokens, HEAD_DIM // 2, device="cuda") * 2 * math.pi
-        rope = (angles.cos(), angles.sin())
+        cos, sin = angles.cos(), angles.sin()
+        cos16, sin16 = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
+        xq, xk = (t.transpose(1, 2).reshape(1, tokens, heads * HEAD_DIM) for t in (q, k))  # [1,S,C]
+        weight = torch.ones(heads * HEAD_DIM, device="cuda")
 
-        def rotate():  # the unfused path: q and k rotated through memory, as the reference does
-            return kernels.apply_rope_ref(q, *rope), kernels.apply_rope_ref(k, *rope)
+        def split(x):  # [1,S,C] -> [1,H,S,D] view
+            return x.view(1, tokens, heads, HEAD_DIM).transpose(1, 2)
 
-        ours_ms = bench.time(lambda: kernels.attention_triton(q, k, v, rope=rope))
-        rope_candidates = {f"rope+{n}": fn for n, fn in sdpa_candidates(q, k, v, prepare=rotate).items()}
+        def ours_path():
+            q_r = split(kernels.rms_norm_rope_triton(xq, weight, cos, sin))
+            k_r = split(kernels.rms_norm_rope_triton(xk, weight, cos, sin))
+            return kernels.attention_triton(q_r, k_r, v)
+
+        def rope_bf16(x):  # [1,H,S,D] bf16, rotated once in bf16
+            even, odd = x[..., 0::2], x[..., 1::2]
+            return torch.stack((even * cos16 - odd * sin16, even * sin16 + odd * cos16), dim=-1).flatten(-2)
+
+        def rotate():
+            return (rope_bf16(split(kernels.rms_norm_triton(xq, weight))), rope_bf16(split(kernels.rms_norm_triton(xk, weight))))
+
+        ours_ms = bench.time(ours_path)
+        rope_candidates = {f"norm+bf16 rope+{n}": fn for n, fn in sdpa_candidates(q, k, v, prepare=rotate).items()}
         name, base_ms, base_out = bench.best(rope_candidates)
-        bench.add("attention+rope", shape, ours_ms, name, base_ms, flops, "TFLOP/s", matmul_tflops,
-                  kernels.attention_triton(q, k, v, rope=rope), base_out)  # fmt: skip
+        bench.add("qk norm+rope+attention", shape, ours_ms, name, base_ms, flops, "TFLOP/s", matmul_tflops,
+                  ours_path(), base_out)  # fmt: skip
 
         # the text context zero-padded to its 512 tokens and attended unmasked, as Wan 2.1 and ComfyUI do
         text_k, text_v = (torch.randn(1, heads, TEXT_TOKENS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -206,6 +224,11 @@ def bench_packed(bench: Bench, kernels, shrink: int, matmul_tflops: float) -> No
         pass
 
 
+def rope_tables(tokens: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.rand(tokens, HEAD_DIM // 2, device="cuda") * 2 * math.pi  # head dim 128 tables
+    return angles.cos(), angles.sin()
+
+
 def bench_norms(bench: Bench, kernels, shrink: int, copy_gbs: float) -> None:
     print("AdaLN path (bf16 activations, fp32 modulation as Wan passes it)")
     for label, (tokens, hidden) in NORM_SHAPES.items():
@@ -220,6 +243,8 @@ def bench_norms(bench: Bench, kernels, shrink: int, copy_gbs: float) -> None:
              (x, shift, scale, 1e-6), 2 * act_bytes),
             ("gated_residual", kernels.gated_residual_triton, kernels.gated_residual_ref, (x, y, gate), 3 * act_bytes),
             ("rms_norm", kernels.rms_norm_triton, kernels.rms_norm_ref, (x, weight, 1e-6), 2 * act_bytes),
+            ("rms_norm_rope", kernels.rms_norm_rope_triton, kernels.rms_norm_rope_ref,
+             (x, weight, *rope_tables(tokens, hidden), 1e-6), 2 * act_bytes),
         ]  # fmt: skip
         for op, ours, reference, args, bytes_moved in cases:
             ours_ms = bench.time(lambda: ours(*args))
@@ -247,6 +272,44 @@ def print_table(bench: Bench, matmul_tflops: float, copy_gbs: float) -> None:
         print(f"| {op} | {shape} | {ours_ms:.3f} | {base} | {base_ms:.3f} | {ratio:.2f}x | {rate:.1f} {unit} | {pct:.0f}% | {diff:.3g} |")
 
 
+def run(ops: set[str], small: bool, rep: int) -> tuple[Bench, float, float]:
+    """Run the chosen benchmarks on the current CUDA device (Triton must work there); returns the rows and
+    the two ceilings. ``benchmarks/gpu_check.py`` calls this too."""
+    sys.path.insert(0, str(ROOT))
+    from spacetime_bootstrap import load_package
+
+    load_package()
+    from comfyui_spacetime import kernels
+    from comfyui_spacetime.kernels import adaln, attention, attention_varlen, rms_norm_rope, rmsnorm
+
+    if not kernels.dispatch.triton_works(f"cuda:{torch.cuda.current_device()}"):
+        raise RuntimeError("the Triton probe kernel failed on this GPU (see the warning above); nothing to benchmark")
+    namespace = types.SimpleNamespace(
+        attention_triton=attention.attention_triton,
+        rms_norm_rope_triton=rms_norm_rope.rms_norm_rope_triton,
+        attention_varlen_triton=attention_varlen.attention_varlen_triton,
+        layer_norm_modulate_triton=adaln.layer_norm_modulate_triton,
+        layer_norm_modulate_ref=adaln.layer_norm_modulate_ref,
+        gated_residual_triton=adaln.gated_residual_triton,
+        gated_residual_ref=adaln.gated_residual_ref,
+        rms_norm_triton=rmsnorm.rms_norm_triton,
+        rms_norm_ref=rmsnorm.rms_norm_ref,
+        rms_norm_rope_ref=rms_norm_rope.rms_norm_rope_ref,
+    )
+    torch.manual_seed(0)
+    bench = Bench(rep)
+    matmul_tflops, copy_gbs = measure_ceilings(bench)
+    shrink = 8 if small else 1
+    with torch.inference_mode():
+        if "attention" in ops:
+            bench_attention(bench, namespace, shrink, matmul_tflops)
+        if "packed" in ops:
+            bench_packed(bench, namespace, shrink, matmul_tflops)
+        if "adaln" in ops:
+            bench_norms(bench, namespace, shrink, copy_gbs)
+    return bench, matmul_tflops, copy_gbs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default="attention,packed,adaln", help="comma-separated subset of attention,packed,adaln")
@@ -260,38 +323,10 @@ def main() -> None:
         import triton  # noqa: F401
     except ImportError:
         sys.exit("benchmarks/kernels.py needs Triton: pip install triton")
-    sys.path.insert(0, str(ROOT))
-    from spacetime_bootstrap import load_package
-
-    load_package()
-    from comfyui_spacetime import kernels
-    from comfyui_spacetime.kernels import adaln, attention, attention_varlen, rmsnorm
-
-    if not kernels.dispatch.triton_works(f"cuda:{torch.cuda.current_device()}"):
-        sys.exit("the Triton probe kernel failed on this GPU (see the warning above); nothing to benchmark")
-    namespace = types.SimpleNamespace(
-        attention_triton=attention.attention_triton,
-        apply_rope_ref=attention.apply_rope_ref,
-        attention_varlen_triton=attention_varlen.attention_varlen_triton,
-        layer_norm_modulate_triton=adaln.layer_norm_modulate_triton,
-        layer_norm_modulate_ref=adaln.layer_norm_modulate_ref,
-        gated_residual_triton=adaln.gated_residual_triton,
-        gated_residual_ref=adaln.gated_residual_ref,
-        rms_norm_triton=rmsnorm.rms_norm_triton,
-        rms_norm_ref=rmsnorm.rms_norm_ref,
-    )
-    torch.manual_seed(0)
-    bench = Bench(args.rep)
-    matmul_tflops, copy_gbs = measure_ceilings(bench)
-    shrink = 8 if args.small else 1
-    ops = set(args.ops.split(","))
-    with torch.inference_mode():
-        if "attention" in ops:
-            bench_attention(bench, namespace, shrink, matmul_tflops)
-        if "packed" in ops:
-            bench_packed(bench, namespace, shrink, matmul_tflops)
-        if "adaln" in ops:
-            bench_norms(bench, namespace, shrink, copy_gbs)
+    try:
+        bench, matmul_tflops, copy_gbs = run(set(args.ops.split(",")), args.small, args.rep)
+    except RuntimeError as error:
+        sys.exit(str(error))
     print_table(bench, matmul_tflops, copy_gbs)
 
 

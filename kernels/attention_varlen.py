@@ -4,10 +4,8 @@ end to end, attention block-diagonal (no token attends across sequences, no work
 Shapes (flash-attn's varlen convention): q ``[total_q, H, D]``, k/v ``[total_k, H, D]``;
 ``cu_seqlens_q``/``cu_seqlens_k`` int ``[N+1]`` cumulative lengths (sequence i owns tokens
 ``cu[i]:cu[i+1]``); ``max_seqlen_q``/``max_seqlen_k`` python ints at least the longest sequence (they
-size the launch grid, so no device sync is needed). ``rope`` ``(cos, sin)`` ``[total_q, D/2]`` fp32
-per packed token, each video carrying its own (t, h, w) positions; k tokens use the row of their own
-packed index, so rope needs ``total_k == total_q`` (self-attention). Output ``[total_q, H, D]`` in q's
-dtype.
+size the launch grid, so no device sync is needed). q and k arrive rotated (each video's own 3D RoPE
+positions, applied per packed token by ``rms_norm_rope``). Output ``[total_q, H, D]`` in q's dtype.
 
 The kernel is the dense one in ``attention.py`` with ``IS_VARLEN``: each program reads its sequence's
 start and length from ``cu_seqlens`` and programs past a short sequence's end exit at once.
@@ -19,15 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import can_launch, check_supported, register_op, require_triton
-from .attention import (
-    apply_rope_ref,
-    attention_ref,
-    check_attention_out,
-    launch_attention,
-    qkv_unsupported,
-    rope_tables,
-    rope_unsupported,
-)
+from .attention import attention_ref, check_attention_out, launch_attention, qkv_unsupported
 
 
 def attention_varlen_ref(
@@ -38,7 +28,6 @@ def attention_varlen_ref(
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Reference: ``attention_ref`` on each sequence alone. q ``[total_q,H,D]``, k/v ``[total_k,H,D]`` ->
     ``[total_q,H,D]``."""
@@ -50,14 +39,7 @@ def attention_varlen_ref(
         seq_q = q[q0:q1].transpose(0, 1)[None]  # [1, H, Sq_i, D]
         seq_k = k[k0:k1].transpose(0, 1)[None]
         seq_v = v[k0:k1].transpose(0, 1)[None]
-        if rope is None:
-            seq_out = attention_ref(seq_q, seq_k, seq_v)
-        else:
-            # q and k of a sequence have the same rows here; rotate each by its own rows, then attend
-            cos, sin = rope
-            seq_q = apply_rope_ref(seq_q, cos[q0:q1], sin[q0:q1])
-            seq_k = apply_rope_ref(seq_k, cos[k0:k1], sin[k0:k1])
-            seq_out = attention_ref(seq_q, seq_k, seq_v)
+        seq_out = attention_ref(seq_q, seq_k, seq_v)
         out[q0:q1] = seq_out[0].transpose(0, 1)
     return out
 
@@ -85,11 +67,9 @@ def _attention_varlen_launch(
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
-    cos: torch.Tensor | None,
-    sin: torch.Tensor | None,
 ) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    launch_attention(q, k, v, out, cos, sin, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    launch_attention(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return out
 
 
@@ -102,7 +82,6 @@ def _unsupported(
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
-    rope: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> str | None:
     """Why the kernel cannot take these inputs, or None when it can: the one rule of
     ``attention_varlen_triton`` (which raises it) and ``attention_varlen`` (which then takes the reference).
@@ -115,9 +94,7 @@ def _unsupported(
         return f"cu_seqlens must be 1-D [N+1] of one length, got q {tuple(cu_seqlens_q.shape)}, k {tuple(cu_seqlens_k.shape)}"
     if cu_seqlens_q.is_floating_point() or cu_seqlens_k.is_floating_point():
         return f"cu_seqlens must be integer, got {cu_seqlens_q.dtype}, {cu_seqlens_k.dtype}"
-    if rope is not None and q.shape[0] != k.shape[0]:
-        return f"rope needs self-attention (total_q == total_k), got {q.shape[0]} and {k.shape[0]}"
-    return rope_unsupported(rope, q.shape[0], q.shape[-1])
+    return None
 
 
 def attention_varlen_triton(
@@ -128,23 +105,21 @@ def attention_varlen_triton(
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused packed attention; shapes and contract in the module docstring. Checks shapes, not the values
     of ``cu_seqlens`` (that would need a device sync): they must be valid, as for flash-attn. Writes into
     ``out`` (q's shape, unit-stride head dim) when given: an eager launch, for tests and benchmarks."""
     require_triton()
-    check_supported("attention_varlen_triton", _unsupported(q, k, v, cu_seqlens_q, cu_seqlens_k, rope))
-    cos, sin = rope_tables(rope, q.device)
+    check_supported("attention_varlen_triton", _unsupported(q, k, v, cu_seqlens_q, cu_seqlens_k))
     cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32).contiguous()
     cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32).contiguous()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if out is not None:
         check_attention_out("attention_varlen_triton", out, q)
-        launch_attention(q, k, v, out, cos, sin, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k))
+        launch_attention(q, k, v, out, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k))
         return out
-    return _attention_varlen_op(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), cos, sin)
+    return _attention_varlen_op(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k))
 
 
 def attention_varlen(
@@ -155,11 +130,10 @@ def attention_varlen(
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The backend's packed attention: the Triton kernel where it applies, ``attention_varlen_ref``
     elsewhere (CPU tensors outside the interpreter, other head dims, mixed dtypes, malformed shapes, which
     the reference then reports)."""
-    if can_launch(q) and _unsupported(q, k, v, cu_seqlens_q, cu_seqlens_k, rope) is None:
-        return attention_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rope)
-    return attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rope)
+    if can_launch(q) and _unsupported(q, k, v, cu_seqlens_q, cu_seqlens_k) is None:
+        return attention_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)

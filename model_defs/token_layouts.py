@@ -16,9 +16,11 @@ Modulation rows: one per sample/sequence, or one per latent frame when timesteps
 (Wan 2.2 TI2V holds a known first frame at timestep 0 while the rest is denoised: per-token timesteps,
 which for every use the pack has are per-frame ones).
 
-A layout answers three questions for a block: ``per_token(rows [N, C])`` (modulation broadcast to
-``x``), ``self_attention(q, k, v, heads)`` and ``cross_attention(q, k, v, heads)`` (q/k/v ``[.., S, C]``
-after the projections and q/k norms -> attention output ``[.., S, C]`` before the output projection).
+A layout answers four questions for a block: ``per_token(rows [N, C])`` (modulation broadcast to
+``x``), ``rope`` (the self-attention's RoPE tables ``(cos, sin)`` ``[S or T, D/2]``, applied to q and k once,
+in their norm), ``self_attention(q, k, v, heads)`` and ``cross_attention(q, k, v, heads)`` (q/k/v
+``[.., S, C]`` after the projections and q/k norms, q/k already rotated for self-attention -> attention
+output ``[.., S, C]`` before the output projection).
 Shapes: T packed video tokens; Tk packed text tokens; C model width; H heads, D head dim.
 """
 from __future__ import annotations
@@ -35,6 +37,9 @@ from .layers import rope_3d_tables
 
 class TokenLayout(Protocol):
     """What a block asks of its layout (module docstring); ``DenseLayout`` and ``PackedLayout`` are the two."""
+
+    @property
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def per_token(self, per_sample: torch.Tensor) -> torch.Tensor: ...
 
@@ -127,15 +132,15 @@ class DenseLayout:
         per_frame = rows.unflatten(0, (-1, frames))[:, :, None, :]  # [B,F',1,C]
         return per_frame.expand(-1, -1, height * width, -1).flatten(1, 2)  # [B,S,C], one chunk at a time
 
-    def _attend(self, q, k, v, heads: int, rope) -> torch.Tensor:
+    def _attend(self, q, k, v, heads: int) -> torch.Tensor:
         q, k, v = (rearrange(t, "b s (h d) -> b h s d", h=heads) for t in (q, k, v))  # [B,H,S,D]
-        return rearrange(self.backend.attention(q, k, v, rope=rope), "b h s d -> b s (h d)")  # [B,Sq,C]
+        return rearrange(self.backend.attention(q, k, v), "b h s d -> b s (h d)")  # [B,Sq,C]
 
     def self_attention(self, q, k, v, heads: int) -> torch.Tensor:
-        return self._attend(q, k, v, heads, self.rope)
+        return self._attend(q, k, v, heads)
 
     def cross_attention(self, q, k, v, heads: int) -> torch.Tensor:
-        return self._attend(q, k, v, heads, None)
+        return self._attend(q, k, v, heads)
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,14 +157,18 @@ class PackedLayout:
         owner = self.pack.token_frame if self.per_frame else self.pack.token_sequence  # [T]
         return rows.index_select(0, owner)[None]  # [N,C] -> [1,T,C]
 
-    def _attend(self, q, k, v, heads: int, keys_cu, keys_max: int, rope) -> torch.Tensor:
+    @property
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pack.rope  # [T, D/2]: each packed token's own position
+
+    def _attend(self, q, k, v, heads: int, keys_cu, keys_max: int) -> torch.Tensor:
         q, k, v = (rearrange(t, "b t (h d) -> (b t) h d", h=heads) for t in (q, k, v))  # [T or Tk, H, D]
         pack = self.pack
-        out = self.backend.attention_varlen(q, k, v, pack.cu_seqlens, keys_cu, pack.max_seqlen, keys_max, rope)  # [T,H,D]
+        out = self.backend.attention_varlen(q, k, v, pack.cu_seqlens, keys_cu, pack.max_seqlen, keys_max)  # [T,H,D]
         return rearrange(out, "t h d -> 1 t (h d)")  # [1,T,C]
 
     def self_attention(self, q, k, v, heads: int) -> torch.Tensor:
-        return self._attend(q, k, v, heads, self.pack.cu_seqlens, self.pack.max_seqlen, self.pack.rope)
+        return self._attend(q, k, v, heads, self.pack.cu_seqlens, self.pack.max_seqlen)
 
     def cross_attention(self, q, k, v, heads: int) -> torch.Tensor:
-        return self._attend(q, k, v, heads, self.text.cu_seqlens, self.text.max_seqlen, None)
+        return self._attend(q, k, v, heads, self.text.cu_seqlens, self.text.max_seqlen)

@@ -78,21 +78,26 @@ def _gelu_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 
 
 class RMSNorm(nn.Module):
-    """Weighted RMSNorm; the kernel is chosen by the model's backend."""
+    """Weighted RMSNorm, followed by the 3D RoPE when ``rope`` (cos, sin ``[S, D/2]``) is given: q and k are
+    rotated here, once per token, in one fused op; the kernels are chosen by the model's backend."""
 
     def __init__(self, dim: int, eps: float, backend: KernelBackend):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self._rms_norm = backend.rms_norm
+        self._rms_norm_rope = backend.rms_norm_rope
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if rope is None:
+            return self._rms_norm(x, self.weight, self.eps)
+        return self._rms_norm_rope(x, self.weight, *rope, self.eps)
 
 
 class WanAttention(nn.Module):
-    """Multi-head attention with q/k RMSNorm over all heads; self-attention when ``context`` is None.
-    ``attend(q, k, v, heads)`` is the layout's attention (``token_layouts``)."""
+    """Multi-head attention with q/k RMSNorm over all heads; self-attention when ``context`` is None, with
+    q and k rotated by ``rope`` (the layout's tables) in the norm. ``attend(q, k, v, heads)`` is the layout's
+    attention (``token_layouts``)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float, backend: KernelBackend):
         super().__init__()
@@ -104,10 +109,13 @@ class WanAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps, backend)
         self.norm_k = RMSNorm(dim, eps, backend)
 
-    def forward(self, x: torch.Tensor, attend: Callable[..., torch.Tensor], context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attend: Callable[..., torch.Tensor], context: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         source = x if context is None else context  # [.., Sk, C]
-        q = self.norm_q(self.q(x))  # [.., Sq, C]
-        k = self.norm_k(self.k(source))  # [.., Sk, C]
+        q = self.norm_q(self.q(x), rope)  # [.., Sq, C], rotated when rope is given
+        k = self.norm_k(self.k(source), rope)  # [.., Sk, C]
         v = self.v(source)  # [.., Sk, C]
         return self.o(attend(q, k, v, self.num_heads))  # [.., Sq, C]
 
@@ -156,7 +164,7 @@ class WanBlock(nn.Module):
         tok = layout.per_token  # [N,C] -> broadcastable to x
         mod = self.modulation.float() + time_mod  # [N,6,C]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)  # [N,C] each
-        y = self.self_attn(self._modulate(x, tok(shift_msa), tok(scale_msa), self.eps), layout.self_attention)  # like x
+        y = self.self_attn(self._modulate(x, tok(shift_msa), tok(scale_msa), self.eps), layout.self_attention, rope=layout.rope)  # like x
         x = self._gated_residual(x, y, tok(gate_msa))  # like x
         x = x + self.cross_attn(self.norm3(x), layout.cross_attention, context)  # like x
         y = self.ffn(self._modulate(x, tok(shift_mlp), tok(scale_mlp), self.eps))  # like x

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import KERNEL_CHOICES as _KERNEL_CHOICES
 from ..kernels import get_backend
 from ..model_defs.builtin import (
     BUILTIN_MODEL,
@@ -20,7 +21,13 @@ from ..model_defs.umt5 import UMT5_TOKENIZER_DIR, UMT5TextEncoder
 from . import comfy_glue
 
 WEIGHT_DTYPES = ["default", *DTYPES]
-KERNEL_CHOICES = ["auto", "reference"]
+KERNEL_CHOICES = list(_KERNEL_CHOICES)  # auto, triton, sdpa, flash_attn, sage_attention, reference (= sdpa)
+KERNEL_TOOLTIP = (
+    "Attention backend. auto: on a CUDA GPU, the fastest that passes a numerical self-check against SDPA "
+    "(ours, sdpa, and flash_attn / sage_attention when installed); triton: our fused Triton kernels; sdpa: "
+    "plain PyTorch; flash_attn (pip install flash-attn) and sage_attention (pip install sageattention) when "
+    "installed. A choice that cannot run falls back to sdpa with one log line. reference: the old name of sdpa."
+)
 
 
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -49,7 +56,7 @@ class SpacetimeModelLoader:
                 "weight_dtype": (WEIGHT_DTYPES, {"default": "default", "tooltip": "default: fp32 on CPU, bf16 on GPU."}),
                 "kernels": (
                     KERNEL_CHOICES,
-                    {"default": "auto", "tooltip": "auto: fused Triton kernels on CUDA when they work; reference: plain PyTorch."},
+                    {"default": "auto", "tooltip": KERNEL_TOOLTIP},
                 ),
             }
         }
@@ -59,7 +66,7 @@ class SpacetimeModelLoader:
             raise ValueError(f"kernels={kernels!r} is not allowed; allowed values: {KERNEL_CHOICES}")
         device = comfy_glue.torch_device("diffusion")
         dtype = resolve_dtype(weight_dtype, device)
-        backend = get_backend(device, force_reference=kernels == "reference")
+        backend = get_backend(device, choice=kernels)
         if model_name == BUILTIN_MODEL:
             return (builtin_model(backend, dtype),)
         path = comfy_glue.model_file_path("diffusion_models", model_name, "model_name")

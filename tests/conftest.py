@@ -33,6 +33,38 @@ def pytest_configure(config):
     config.pluginmanager.register(_RootAsPlainDirectory(), "spacetime-root-directory")
 
 
+KERNEL_TEST_DEVICE_ENV = "SPACETIME_KERNEL_TEST_DEVICE"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """``SPACETIME_KERNEL_TEST_DEVICE=cuda`` (benchmarks/gpu_check.py) runs the kernel tests on the GPU for
+    real: tensors are made there by default and, after the fixtures switched the interpreter on,
+    ``TRITON_INTERPRET`` is off for the test body, so the kernels compile. Unset (CI): nothing changes."""
+    import os
+
+    device = os.environ.get(KERNEL_TEST_DEVICE_ENV, "")
+    if not device or not item.path.name.startswith("test_kernels_"):
+        yield
+        return
+    import torch
+
+    os.environ["TRITON_INTERPRET"] = "0"  # the fixtures' monkeypatch restores its own value at teardown
+    torch.set_default_device(device)
+    real_generator = torch.Generator
+    # seeded tests build torch.Generator() (a CPU one) for their inputs: give them one on the test device
+    class OnTestDevice(real_generator):  # a class, not a function: torch's own annotations use "Generator | None"
+        def __new__(cls, device_arg=None, **kwargs):
+            return real_generator(kwargs.get("device", device_arg) or device)
+
+    torch.Generator = OnTestDevice
+    try:
+        yield
+    finally:
+        torch.Generator = real_generator
+        torch.set_default_device(None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """The built-in tiny DiT on the reference kernels, loaded once per test run. Shared: never modify it."""

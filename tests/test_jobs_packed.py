@@ -56,10 +56,15 @@ class _Recorder:
 
     def __init__(self):
         self.calls = []
+        self.rotations = []  # rows of the RoPE table of each q/k rotation
 
-    def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rope=None):
-        self.calls.append(SimpleNamespace(cu_q=cu_seqlens_q.tolist(), cu_k=cu_seqlens_k.tolist(), rope=rope is not None, q=tuple(q.shape)))
-        return REFERENCE.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rope)
+    def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        self.calls.append(SimpleNamespace(cu_q=cu_seqlens_q.tolist(), cu_k=cu_seqlens_k.tolist(), q=tuple(q.shape)))
+        return REFERENCE.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+    def rotate(self, x, weight, cos, sin, eps):
+        self.rotations.append((tuple(x.shape), cos.shape[0]))
+        return REFERENCE.rms_norm_rope(x, weight, cos, sin, eps)
 
 
 def _recording_backend():
@@ -67,7 +72,10 @@ def _recording_backend():
         raise AssertionError("the packed path must not call the dense attention")
 
     recorder = _Recorder()
-    return dataclasses.replace(REFERENCE, name="recording", attention=dense_attention, attention_varlen=recorder), recorder
+    backend = dataclasses.replace(
+        REFERENCE, name="recording", attention=dense_attention, attention_varlen=recorder, rms_norm_rope=recorder.rotate
+    )
+    return backend, recorder
 
 
 def test_patchify_round_trip():
@@ -101,8 +109,10 @@ def test_packed_forward_runs_one_varlen_attention_per_layer_for_all_videos():
     text_bounds = [0, 16, 32, 48]
     assert len(recorder.calls) == 2 * CONFIG.num_layers  # self- and cross-attention of each block, every video at once
     for self_call, cross_call in zip(recorder.calls[::2], recorder.calls[1::2]):
-        assert self_call.cu_q == self_call.cu_k == video_bounds and self_call.rope and self_call.q == (31, 2, 64)
-        assert cross_call.cu_q == video_bounds and cross_call.cu_k == text_bounds and not cross_call.rope
+        assert self_call.cu_q == self_call.cu_k == video_bounds and self_call.q == (31, 2, 64)
+        assert cross_call.cu_q == video_bounds and cross_call.cu_k == text_bounds
+    # q and k of each self-attention rotated once, with one table row per packed token; cross-attention never
+    assert recorder.rotations == [((1, 31, 128), 31)] * (2 * CONFIG.num_layers)
 
 
 def test_packed_forward_on_the_triton_kernels_equals_the_reference_model(monkeypatch):

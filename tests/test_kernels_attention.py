@@ -5,8 +5,9 @@ with "exact" computed in float64. Outputs are poisoned with NaN before each laun
 kernel fails to write fails the test. Shapes are small and odd (non-power-of-two lengths, 1-token
 sequences, packed lengths [1, 37, 130]) because the interpreter runs every program in Python.
 bf16: the interpreter cannot run a bf16 ``tl.dot`` (numpy has no bf16), so under it the kernel's bf16
-dots run in fp32 on the bf16 values (``UPCAST_DOT``); loads, RoPE rounding, ragged-tile masking and
-stores are the bf16 path the GPU runs. fp16 and fp32 run exactly the GPU's code path.
+dots run in fp32 on the bf16 values (``UPCAST_DOT``); loads, ragged-tile masking and stores are the
+bf16 path the GPU runs. (RoPE is not in this kernel: q/k are rotated by ``rms_norm_rope``, tested in
+test_kernels_rms_norm_rope.py.) fp16 and fp32 run exactly the GPU's code path.
 Triton must be installed: these tests fail, not skip, without it.
 """
 from __future__ import annotations
@@ -18,12 +19,7 @@ import pytest
 import torch
 
 import triton  # noqa: F401 - a missing Triton must fail this module, not skip it
-from comfyui_spacetime.kernels.attention import (
-    apply_rope_ref,
-    attention,
-    attention_ref,
-    attention_triton,
-)
+from comfyui_spacetime.kernels.attention import attention, attention_ref, attention_triton
 from comfyui_spacetime.kernels.attention_varlen import (
     attention_varlen,
     attention_varlen_ref,
@@ -37,25 +33,15 @@ def triton_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def exact_attention(q, k, v, rope=None):
+def exact_attention(q, k, v):
     """float64 oracle, independent of the reference: [B,H,Sq,D] x [B,H,Sk,D] -> [B,H,Sq,D]."""
     q, k, v = q.double(), k.double(), v.double()
-    if rope is not None:
-        q, k = (rotate_exact(t, *rope) for t in (q, k))
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B,H,Sq,Sk]
     return torch.softmax(scores, dim=-1) @ v
 
 
-def rotate_exact(x, cos, sin):
-    even, odd = x[..., 0::2], x[..., 1::2]
-    cos, sin = cos.double(), sin.double()
-    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
-
-
-def lowp_attention(q, k, v, rope=None):
+def lowp_attention(q, k, v):
     """Plain torch attention computed in the inputs' own dtype: the error budget of the tolerance rule."""
-    if rope is not None:
-        q, k = apply_rope_ref(q, *rope), apply_rope_ref(k, *rope)
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     return torch.softmax(scores, dim=-1) @ v
 
@@ -74,46 +60,45 @@ def assert_within_rule(out, exact, lowp, atol):
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-def random_rope(tokens, head_dim):
-    angles = torch.rand(tokens, head_dim // 2) * 2 * math.pi  # fresh random angles per token and pair
-    return angles.cos(), angles.sin()
-
-
 def poisoned_like(q):
     return torch.full_like(q, float("nan"))
 
 
-# (dtype, head dim, batch, heads, Sq, Sk, rope): odd lengths, cross-attention (Sq != Sk), a 1-token
-# query and a 1-token key, both head dims, every dtype
+# (dtype, head dim, batch, heads, Sq, Sk): odd lengths, cross-attention (Sq != Sk), a 1-token query and a
+# 1-token key, both head dims, every dtype; Sk=150 at head dim 128 spans several key tiles
 DENSE_CASES = [
-    (torch.float32, 64, 2, 2, 37, 37, False),
-    (torch.float16, 128, 1, 2, 23, 19, False),
-    (torch.bfloat16, 64, 2, 1, 33, 33, True),
-    (torch.float32, 128, 1, 2, 21, 21, True),
-    (torch.float16, 64, 2, 2, 1, 45, False),
-    (torch.bfloat16, 128, 1, 1, 1, 1, True),
+    (torch.float32, 64, 2, 2, 37, 37),
+    (torch.float16, 128, 1, 2, 23, 19),
+    (torch.bfloat16, 64, 2, 1, 33, 33),
+    (torch.float32, 128, 1, 2, 21, 21),
+    (torch.float16, 64, 2, 2, 1, 45),
+    (torch.bfloat16, 128, 1, 1, 1, 1),
+    (torch.bfloat16, 128, 1, 1, 17, 150),
 ]
 
 
-@pytest.mark.parametrize("dtype,head_dim,batch,heads,seqlen_q,seqlen_k,roped", DENSE_CASES)
-def test_dense_attention_matches_exact(dtype, head_dim, batch, heads, seqlen_q, seqlen_k, roped):
+@pytest.mark.parametrize("dtype,head_dim,batch,heads,seqlen_q,seqlen_k", DENSE_CASES)
+def test_dense_attention_matches_exact(dtype, head_dim, batch, heads, seqlen_q, seqlen_k):
     q = torch.randn(batch, heads, seqlen_q, head_dim).to(dtype)
     k = torch.randn(batch, heads, seqlen_k, head_dim).to(dtype)
     v = torch.randn(batch, heads, seqlen_k, head_dim).to(dtype)
-    rope = random_rope(seqlen_q, head_dim) if roped else None
-    out = attention_triton(q, k, v, rope, out=poisoned_like(q))
+    out = attention_triton(q, k, v, out=poisoned_like(q))
     assert out.dtype == dtype and out.shape == q.shape
-    exact = exact_attention(q, k, v, rope)
-    assert_within_rule(out, exact, lowp_attention(q, k, v, rope), ATOL[dtype])
+    exact = exact_attention(q, k, v)
+    assert_within_rule(out, exact, lowp_attention(q, k, v), ATOL[dtype])
 
 
-def test_rope_fused_equals_rope_then_attention():
-    q, k, v = (torch.randn(1, 2, 29, 64, dtype=torch.float16) for _ in range(3))
-    rope = random_rope(29, 64)
-    fused = attention_triton(q, k, v, rope=rope, out=poisoned_like(q))
-    unfused = attention_triton(apply_rope_ref(q, *rope), apply_rope_ref(k, *rope), v, out=poisoned_like(q))
-    # both round the rotated q/k to fp16 from the same fp32 products: only summation order may differ
-    torch.testing.assert_close(fused, unfused, atol=2e-3, rtol=0)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_runs_sdpa_in_the_input_dtype(dtype, monkeypatch):
+    """The reference no longer upcasts: SDPA sees the inputs' dtype (so on a GPU its flash backend can run);
+    fp32 stays exact to fp32, bf16 stays within the tolerance rule."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a: seen.append(a[0].dtype) or real(*a))
+    q, k, v = (torch.randn(1, 2, 29, 64).to(dtype) for _ in range(3))
+    out = attention_ref(q, k, v)
+    assert seen == [dtype] and out.dtype == dtype
+    assert_within_rule(out, exact_attention(q, k, v), lowp_attention(q, k, v), ATOL[dtype])
 
 
 def test_model_layout_strides_and_output_layout():
@@ -126,12 +111,13 @@ def test_model_layout_strides_and_output_layout():
     torch.testing.assert_close(out, attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
 
 
-def test_no_key_mask_rope_by_keyword():
-    """Text context is zero-padded and attended unmasked (Wan 2.1, diffusers' WanPipeline, ComfyUI):
-    there is no key mask to pass, and callers pass ``rope=`` by keyword."""
-    assert list(inspect.signature(attention).parameters) == ["q", "k", "v", "rope"]
-    assert list(inspect.signature(attention_ref).parameters) == ["q", "k", "v", "rope"]
-    assert list(inspect.signature(attention_triton).parameters) == ["q", "k", "v", "rope", "out"]
+def test_plain_attention_signatures():
+    """Text context is zero-padded and attended unmasked (Wan 2.1, diffusers' WanPipeline, ComfyUI): there
+    is no key mask to pass; and no RoPE either (q/k come rotated), so every backend takes the same call."""
+    assert list(inspect.signature(attention).parameters) == ["q", "k", "v"]
+    assert list(inspect.signature(attention_ref).parameters) == ["q", "k", "v"]
+    assert list(inspect.signature(attention_triton).parameters) == ["q", "k", "v", "out"]
+    assert list(inspect.signature(attention_varlen).parameters)[-1] == "max_seqlen_k"
 
 
 def test_dispatch_falls_back_to_reference_for_unsupported_calls(monkeypatch):
@@ -151,12 +137,8 @@ def test_dispatch_falls_back_to_reference_for_unsupported_calls(monkeypatch):
             "share one dtype",
         ),
         (
-            lambda: attention_triton(torch.randn(1, 1, 4, 64), *(torch.randn(1, 1, 6, 64) for _ in range(2)), rope=random_rope(4, 64)),
-            "rope needs self-attention",
-        ),
-        (
-            lambda: attention_triton(*(torch.randn(1, 1, 4, 64) for _ in range(3)), rope=random_rope(5, 64)),
-            "rope tables must be [4, 32]",
+            lambda: attention_triton(torch.randn(1, 1, 4, 64), *(torch.randn(1, 2, 6, 64) for _ in range(2))),
+            "q must be [B,H,Sq,D] and k/v [B,H,Sk,D]",
         ),
     ],
 )
@@ -209,23 +191,26 @@ def test_packed_sequence_with_no_keys_returns_zeros():
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_packed_rope_fused_equals_rope_then_attention_and_reference():
-    # fp32: no rounding of the rotated q/k, so fused and unfused agree to summation order (the interpreter
-    # rounds fp32 -> bf16 by truncation where torch rounds to nearest; bf16 RoPE is covered by the rule above)
-    heads, head_dim = 1, 64
-    q, cu, longest = pack([torch.randn(n, heads, head_dim) for n in (1, 14, 27)])
-    k, v = torch.randn_like(q), torch.randn_like(q)
-    rope = random_rope(q.shape[0], head_dim)  # per packed token: every video has its own positions
-    fused = attention_varlen_triton(q, k, v, cu, cu, longest, longest, rope, out=poisoned_like(q))
-    rotated = [apply_rope_ref(t.transpose(0, 1), *rope).transpose(0, 1) for t in (q, k)]  # [total,H,D]
-    unfused = attention_varlen_triton(*rotated, v, cu, cu, longest, longest, out=poisoned_like(q))
-    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
-    reference = attention_varlen_ref(q, k, v, cu, cu, longest, longest, rope)
-    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
-
-
 def test_packed_dispatch_and_reference_checks():
     q, cu, longest = pack([torch.randn(n, 1, 32) for n in (3, 5)])  # head dim 32: reference path
     torch.testing.assert_close(attention_varlen(q, q, q, cu, cu, longest, longest), attention_varlen_ref(q, q, q, cu, cu, 5, 5))
     with pytest.raises(ValueError, match="max_seqlen_q=4 is shorter than the longest sequence"):
         attention_varlen_ref(q, q, q, cu, cu, 4, 5)
+
+
+def test_autotune_keeps_wide_key_tiles_at_head_dim_128_where_they_fit(monkeypatch):
+    """The review's finding: key tiles were capped at 64 wide at head dim 128. Now 128x128 tiles are tried
+    where shared memory holds them, dropped on a small-shared-memory GPU, and no tile is wider than the keys."""
+    from comfyui_spacetime.kernels import attention as module
+
+    configs = module.attention_configs()
+    q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
+
+    def tiles(bucket_k, budget):
+        monkeypatch.setattr(module, "SHARED_MEMORY_BUDGET", budget)
+        kept = module.prune_attention_configs(configs, {"q_ptr": q, "seq_bucket_q": 32768, "seq_bucket_k": bucket_k}, HEAD_DIM=128)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept}
+
+    assert (128, 128) in tiles(32768, 227 * 1024)  # H100 / H200
+    assert (128, 128) not in tiles(32768, 99 * 1024) and tiles(32768, 99 * 1024)  # RTX 4090: smaller tiles remain
+    assert {n for _, n in tiles(32, 227 * 1024)} == {32}  # a 32-key bucket: 32-wide tiles only

@@ -1,5 +1,6 @@
-"""Kernel dispatch: Triton only on a CUDA device where the probe kernel passed (once per device), the
-references otherwise, one warning line for a broken Triton and never an error.
+"""Kernel dispatch, part 1: the Triton probe. Triton only on a CUDA device where the probe kernel passed
+(once per device), the references otherwise, one warning line for a broken Triton and never an error.
+(The loader's backend choices, the self-check and "auto" are in test_kernels_backends.py.)
 
 There is no GPU in CI, so the probe is run for real on the CPU under Triton's interpreter, and the CUDA
 decisions are tested with the probe replaced: by a simulated missing Triton (``import triton`` fails),
@@ -28,9 +29,9 @@ def fresh_dispatch(monkeypatch):
     """Each test starts with no cached probe results, the interpreter on and no forced reference."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV, raising=False)
-    dispatch.triton_works.cache_clear()
+    dispatch.clear_caches()
     yield
-    dispatch.triton_works.cache_clear()
+    dispatch.clear_caches()
 
 
 def warnings_from_dispatch(caplog):
@@ -113,9 +114,10 @@ def test_probe_with_wrong_numbers_falls_back(monkeypatch, caplog):
     assert "wrong values" in record.getMessage()
 
 
-def test_passing_probe_on_cuda_gives_triton_backend(monkeypatch):
+def test_passing_probe_and_self_check_on_cuda_gives_triton_backend(monkeypatch):
     monkeypatch.setattr(dispatch, "probe_triton", lambda device: None)
-    backend = get_backend("cuda:0")
+    monkeypatch.setattr(dispatch, "_attention_errors", lambda backend, device: (1e-3, 1e-3))
+    backend = get_backend("cuda:0", choice="triton")
     assert backend is TRITON and backend.name == "triton"
 
 
@@ -148,17 +150,17 @@ def test_each_op_takes_its_kernel_exactly_where_its_launcher_does(monkeypatch):
     """One rule per op decides both: the backend's op takes the kernel for every input its ``*_triton``
     launcher accepts, and the reference for every input the launcher refuses (kernel limits, and
     shapes the kernel cannot read, which the reference computes by broadcasting or reports)."""
-    from comfyui_spacetime.kernels import adaln, attention, attention_varlen, rmsnorm
+    from comfyui_spacetime.kernels import adaln, attention, attention_varlen, rms_norm_rope, rmsnorm
 
     taken = []
     for module, op in ((adaln, "layer_norm_modulate"), (adaln, "gated_residual"), (rmsnorm, "rms_norm"),
-                       (attention, "attention"), (attention_varlen, "attention_varlen")):  # fmt: skip
+                       (attention, "attention"), (attention_varlen, "attention_varlen"),
+                       (rms_norm_rope, "rms_norm_rope")):  # fmt: skip
         real = getattr(module, f"{op}_ref")
         monkeypatch.setattr(module, f"{op}_ref", lambda *args, real=real: taken.append("reference") or real(*args))
     x, q = torch.randn(2, 3, 8), torch.randn(1, 2, 4, 64)
     packed, cu = torch.randn(7, 2, 64), torch.tensor([0, 3, 7])
-    rope, bad_rope = (torch.randn(4, 32), torch.randn(4, 32)), (torch.randn(4, 32), torch.randn(1, 32))
-    packed_rope = (torch.randn(7, 32), torch.randn(7, 32))
+    cos, sin = torch.randn(3, 32), torch.randn(3, 32)
     cases = [
         (adaln, "layer_norm_modulate", (x, torch.randn(2, 1, 8), torch.randn(2, 3, 8))),
         (adaln, "layer_norm_modulate", (x, torch.randn(2, 3, 1), torch.randn(2, 1, 8))),  # a per-token scalar shift
@@ -167,10 +169,11 @@ def test_each_op_takes_its_kernel_exactly_where_its_launcher_does(monkeypatch):
         (adaln, "gated_residual", (x, torch.randn(2, 1, 8), torch.randn(2, 1, 8))),  # y broadcast over tokens
         (rmsnorm, "rms_norm", (x, torch.randn(8))),
         (rmsnorm, "rms_norm", (x, torch.randn(1, 8))),
-        (attention, "attention", (q, q, q, rope)),
-        (attention, "attention", (q, q, q, bad_rope)),  # a sin table the reference broadcasts
+        (attention, "attention", (q, q, q)),
         (attention, "attention", (q[..., :32], q[..., :32], q[..., :32])),
-        (attention_varlen, "attention_varlen", (packed, packed, packed, cu, cu, 4, 4, packed_rope)),
+        (attention_varlen, "attention_varlen", (packed, packed, packed, cu, cu, 4, 4)),
+        (rms_norm_rope, "rms_norm_rope", (x[:, :, None].expand(2, 3, 64, 8).flatten(2)[:, :, :64], torch.randn(64), cos, sin)),
+        (rms_norm_rope, "rms_norm_rope", (torch.randn(2, 3, 64), torch.randn(64), cos, sin[:1])),  # a table the reference broadcasts
         (attention_varlen, "attention_varlen", (packed, packed, packed, cu.float(), cu, 4, 4)),  # float cu_seqlens
     ]
     for module, op, args in cases:
@@ -188,24 +191,25 @@ def test_backends_keep_the_model_call_signatures():
     fields = [f for f in KernelBackend.__dataclass_fields__]
     assert fields[:5] == ["name", "attention", "layer_norm_modulate", "gated_residual", "rms_norm"]
     custom = KernelBackend("custom", *(getattr(REFERENCE, f) for f in fields[1:5]))  # positional, as before
-    assert custom.attention_varlen is REFERENCE.attention_varlen
+    assert custom.attention_varlen is REFERENCE.attention_varlen and custom.rms_norm_rope is REFERENCE.rms_norm_rope
 
 
 def test_ops_register_with_torch_library_for_torch_compile():
     """Each launcher registers as a torch.library op whose schema is valid and whose output shape and
     strides propagate under fake tensors: what torch.compile needs to trace a model through the kernels.
     (Compiling the kernels themselves needs a GPU.)"""
-    from comfyui_spacetime.kernels import adaln, attention, attention_varlen, rmsnorm
+    from comfyui_spacetime.kernels import adaln, attention, attention_varlen, rms_norm_rope, rmsnorm
 
     x, weight, gate = torch.randn(2, 5, 64), torch.randn(64), torch.randn(2, 5, 64).expand(2, 5, 64)
-    q, rope = torch.randn(1, 2, 7, 64), (torch.randn(7, 32), torch.randn(7, 32))
+    q, rope = torch.randn(1, 2, 7, 64), (torch.randn(5, 32), torch.randn(5, 32))
     packed, cu = torch.randn(7, 2, 64), torch.tensor([0, 3, 7], dtype=torch.int32)
     cases = [
         (rmsnorm._rms_norm_op, (x, weight, 1e-6)),
         (adaln._layer_norm_modulate_op, (x, gate, gate, 1e-6)),
         (adaln._gated_residual_op, (x, x, gate)),
-        (attention._attention_op, (q, q, q, *rope)),
-        (attention_varlen._attention_varlen_op, (packed, packed, packed, cu, cu, 4, 4, None, None)),
+        (attention._attention_op, (q, q, q)),
+        (attention_varlen._attention_varlen_op, (packed, packed, packed, cu, cu, 4, 4)),
+        (rms_norm_rope._rms_norm_rope_op, (x, weight, *rope, 1e-6)),
     ]
     for lazy_op, args in cases:
         result = torch.library.opcheck(lazy_op.registered(), args, test_utils=("test_schema", "test_faketensor"))

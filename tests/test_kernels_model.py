@@ -35,8 +35,11 @@ def test_dit_on_triton_backend_matches_reference(monkeypatch):
         def refuse(*args, **kwargs):
             raise AssertionError("the Triton backend fell back to a reference")
 
+        import comfyui_spacetime.kernels.rms_norm_rope as rope_module
+
         for module, name in ((attention_module, "attention_ref"), (adaln_module, "layer_norm_modulate_ref"),
-                             (adaln_module, "gated_residual_ref"), (rmsnorm_module, "rms_norm_ref")):
+                             (adaln_module, "gated_residual_ref"), (rmsnorm_module, "rms_norm_ref"),
+                             (rope_module, "rms_norm_rope_ref")):
             monkeypatch.setattr(module, name, refuse)
         actual = fused(x, t, ctx)
     assert expected.abs().mean() > 0.05
