@@ -8,8 +8,10 @@ chunks (17 frames, then 12 new ones each) for every mode. Per chunk:
   (contrast: the frames' luminance standard deviation), in 0..1 pixel units; a mode's drift is its last chunk's;
 - identity: whether the detector (training/detector.py) sees the first chunk's colour and shape; a mode's
   identity is the share of chunks that do;
-- seams: the mean absolute frame difference across each join against the mean within chunks; a mode's seams is
-  its largest ratio (1 = a join looks like any other frame step).
+- seams: the mean absolute frame difference across each join against the mean of the within-chunk steps into a
+  new latent frame (every join is one, and the causal VAE's steps there are larger than inside a latent frame:
+  ``step ratio`` prints how much); a mode's seams is its largest ratio (1 = a join looks like any other step into
+  a latent frame). ``seams/all`` compares with every within-chunk step instead.
 Writes one contact sheet PNG per mode (the middle frame of every chunk, in a grid) to --out. The last line is
 ``drift: baseline=X latent=Y windows=Z identity=I seams=S``, identity the lowest and seams the largest over the
 modes shipped for use (latent chain, context windows).
@@ -29,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 MODES = {"baseline": "pixel chain", "latent": "latent chain", "windows": "context windows"}
 PROMPT = "a red circle drifts to the left over a grey background"
 CHUNK, OVERLAP = 17, 5
+TEMPORAL_FACTOR = 4  # the built-in VAE's: pixel frame 1 + 4k starts a latent frame
 
 CHILD = r"""
 import json, resource, sys, time
@@ -85,10 +88,15 @@ def measure(video: np.ndarray) -> dict:
     kept = [f.colour == found[0].colour and f.shape == found[0].shape for f in found]
     steps = np.abs(np.diff(video, axis=0)).mean(axis=(1, 2, 3))  # [T-1]: step t is frame t -> t+1
     joins = [a - 1 for a, _ in spans[1:]]
-    within = np.delete(steps, joins).mean()
-    seams = [float(steps[j] / within) for j in joins] or [1.0]
+    # Every join is a step into a new latent frame (frame 17, 29, ... = 1 + 4k), and the causal VAE's steps into a
+    # new latent frame are larger than those inside one; a join is compared with the within-chunk steps of that kind.
+    boundary = np.array([t for t in range(len(steps)) if t % TEMPORAL_FACTOR == 0 and t not in joins])
+    inside = np.delete(steps, joins + list(boundary))
+    seams = [float(steps[j] / steps[boundary].mean()) for j in joins] or [1.0]
+    seams_all = [float(steps[j] / np.delete(steps, joins).mean()) for j in joins] or [1.0]
     return {"chunks": len(spans), "drift": drift[-1], "max_drift": max(drift), "identity": float(np.mean(kept)),
-            "first": f"{found[0].colour} {found[0].shape}", "seams": max(seams), "drift_curve": drift}
+            "first": f"{found[0].colour} {found[0].shape}", "seams": max(seams), "seams_all": max(seams_all),
+            "step_ratio": float(steps[boundary].mean() / inside.mean()), "drift_curve": drift}
 
 
 def contact_sheet(video: np.ndarray, path: Path, columns: int = 10) -> None:
@@ -121,7 +129,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"Long-video drift, built-in model, 64x64, {frames} frames ({args.seconds:g} s at 16 fps), chunks of {CHUNK} "
           f"overlapping by {OVERLAP}, {args.steps} UniPC steps, seed {args.seed}, {args.threads} CPU threads; '{PROMPT}'")
-    print(f"{'mode':>16} {'chunks':>6} {'drift':>7} {'max':>7} {'identity':>8} {'seams':>6} {'seconds':>8} {'peak MB':>8} "
+    print(f"{'mode':>16} {'chunks':>6} {'drift':>7} {'max':>7} {'identity':>8} {'seams':>6} {'s/all':>6} {'steps':>6} {'seconds':>8} {'peak MB':>8} "
           f"{'above MB':>9} {'output MB':>9}  first chunk")
     results = {}
     for key, mode in MODES.items():
@@ -138,7 +146,7 @@ def main() -> None:
         contact_sheet(video, out / f"contact_{key}.png")
         results[key] = row
         print(f"{mode:>16} {row['chunks']:>6} {row['drift']:>7.4f} {row['max_drift']:>7.4f} {row['identity']:>8.2f} "
-              f"{row['seams']:>6.2f} {run['seconds']:>8.1f} {run['peak_mb']:>8.0f} {run['above_baseline_mb']:>9.1f} "
+              f"{row['seams']:>6.2f} {row['seams_all']:>6.2f} {row['step_ratio']:>6.2f} {run['seconds']:>8.1f} {run['peak_mb']:>8.0f} {run['above_baseline_mb']:>9.1f} "
               f"{run['output_mb']:>9.1f}  {row['first']}", flush=True)
     print("drift per chunk, every 10th:")
     for key, row in results.items():
