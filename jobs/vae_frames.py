@@ -24,8 +24,7 @@ def decode_frames(
     with torch.inference_mode():
         # tiles are blended on the CPU, where the frames go anyway: the device holds one tile's video at a time
         video = decode_tiled(vae.vae, latent, tile_size, on_chunk=on_chunk, device=device, out_device=CPU)  # [B,3,T,H,W] in -1..1
-    # in place: the decoded video is ours, and a minute of frames is the largest buffer a long video holds
-    frames = video.float().add_(1).mul_(0.5).clamp_(0, 1)
+    frames = video.float().add(1).mul(0.5).clamp(0, 1)
     return frames.permute(0, 2, 3, 4, 1).flatten(0, 1).cpu()  # [B*T,H,W,3]
 
 
