@@ -2,7 +2,7 @@
 video grows. Memory must stay that of one chunk plus the output frames (the IMAGE buffer every
 ComfyUI video node needs), not grow with the number of chunks.
 
-Usage: python benchmarks/long_video.py [--frames 161,961] [--steps 20] [--threads 2]
+Usage: python benchmarks/long_video.py [--frames 161,961] [--steps 20] [--threads 2] [--mode "latent chain"]
 Each length runs in a fresh process (peak RSS is per process) through the node itself; 961 frames is
 one minute at 16 fps. Prints one row per length: chunks, seconds, peak RSS, RSS above the
 model-loaded baseline and the output buffer's size.
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time
 import torch
-root, frames, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+root, frames, steps, threads, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 sys.path.insert(0, root)
 from spacetime_bootstrap import load_package
 load_package()
@@ -37,7 +37,7 @@ from comfyui_spacetime.nodes.sampling import SpacetimeTextEncode
 (negative,) = SpacetimeTextEncode().encode(encoder, "")
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-(video,) = SpacetimeLongVideo().generate(model, vae, positive, negative, 64, 64, frames, 17, 5, 0, steps, 5.0, 5.0, "unipc", 1.0)
+(video,) = SpacetimeLongVideo().generate(model, vae, positive, negative, 64, 64, frames, 17, 5, 0, steps, 5.0, 5.0, "unipc", 1.0, mode)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"frames": video.shape[0], "chunks": plan_long_video(vae.video_rules, 64, 64, frames, 17, 5).chunks, "seconds": seconds,
@@ -51,12 +51,13 @@ def main() -> None:
     parser.add_argument("--frames", default="161,961")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mode", default="latent chain", help="latent chain, context windows or pixel chain")
     args = parser.parse_args()
-    print(f"Spacetime Long Video, built-in model, 64x64, chunks of 17 frames overlapping by 5, {args.steps} UniPC steps, "
+    print(f"Spacetime Long Video ({args.mode}), built-in model, 64x64, chunks of 17 frames overlapping by 5, {args.steps} UniPC steps, "
           f"{args.threads} CPU threads")
     print(f"{'frames':>7} {'chunks':>7} {'seconds':>8} {'peak RSS MB':>12} {'above base MB':>14} {'output MB':>10}")
     for frames in (int(v) for v in args.frames.split(",")):
-        out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(frames), str(args.steps), str(args.threads)],
+        out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(frames), str(args.steps), str(args.threads), args.mode],
                              capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"the long video of {frames} frames failed:\n{out.stderr}")

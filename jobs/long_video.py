@@ -1,12 +1,19 @@
-"""Videos longer than the model's trained length, by chained forward extension with overlap.
+"""Videos longer than the model's trained length, in one of three modes (``MODES``).
 
-The first chunk is plain text to video; every later chunk is a forward extension (``video_prompts``)
-that starts with the last ``overlap`` frames generated so far and adds ``chunk_frames - overlap``
-new ones, with the next seed. Only one chunk is ever in the model or the VAE, so their memory is
-bounded by the chunk, not the video; the output frames are written into one preallocated IMAGE
-buffer (the only thing that grows with the length). The last chunk is cut to give exactly
-``frames`` frames. Source: the Sora report's "extending generated videos", done the way its video
-prompts condition a text-to-video model on known frames.
+- **latent chain** (default): chunks of ``chunk_frames`` chained in latent space. The first chunk is plain text to
+  video; each later one holds the previous chunk's last ``overlap`` frames' latents as known latent frames
+  (``known_frames``, no decode/encode round trip) and adds ``chunk_frames - overlap`` new frames, with the next
+  seed. The whole latent sequence (small: 1/48 of the pixels for Wan 2.1) is decoded once at the end through the
+  causal VAE's temporal streaming, so joins are seamless in pixels too.
+- **context windows**: the whole latent is one sample; every step runs the DiT on overlapping windows of
+  ``chunk_frames`` and blends their velocities (``long_sampling``), so no window is fixed before its neighbours
+  see it; one seed for the whole video.
+- **pixel chain**: each chunk's tail decoded to pixels and encoded again as a forward extension (``video_prompts``):
+  the drift baseline (the round trip through the VAE shifts colour and contrast a little per chunk).
+In every mode only one chunk (or window) is ever in the DiT; the output frames are the only thing that grows with
+the length (and, in the latent modes, the latent, 1/48 of them). Each chunk or window is conditioned on the prompts
+of its time (``prompt_schedule``), mixed per latent frame across a change. Source: the Sora report's "extending
+generated videos" and its one-minute videos; context windows as AnimateDiff / ComfyUI context options do them.
 """
 from __future__ import annotations
 
@@ -17,11 +24,16 @@ from typing import Callable
 import torch
 
 from ..model_defs.bundles import SpacetimeConditioning, SpacetimeModel, SpacetimeVAE
-from ..model_defs.flow_matching import SolverSettings
+from ..model_defs.flow_matching import SolverSettings, initial_noise
+from ..model_defs.known_frames import KnownLatents
+from ..model_defs.long_sampling import prompt_mix_velocity, window_spans, window_weights, windowed_velocity
 from ..model_defs.sizes import SizeRules, describe_allowed
-from .text_to_video import ModuleUse, empty_latent, generate
+from .prompt_schedule import EncodedSchedule
+from .text_to_video import ModuleUse, run_sampler
 from .vae_frames import decode_frames
 from .video_prompts import extend_video
+
+MODES = ("latent chain", "context windows", "pixel chain")
 
 # (chunk index, chunks) after each chunk, and (step, steps, x0 estimate) within one
 ChunkDone = Callable[[int, int], None]
@@ -30,14 +42,16 @@ StepDone = Callable[[int, int, torch.Tensor], None]
 
 @dataclass(frozen=True)
 class LongVideoPlan:
-    """A checked long video: ``frames`` of ``width`` x ``height`` made of chunks of ``chunk_frames`` that each
-    share ``overlap`` frames with the one before."""
+    """A checked long video: ``frames`` of ``width`` x ``height`` made, in ``mode``, of chunks (or windows) of
+    ``chunk_frames`` that each share ``overlap`` frames with the one before; ``temporal_factor`` the VAE's."""
 
     width: int
     height: int
     frames: int
     chunk_frames: int
     overlap: int
+    temporal_factor: int = 4
+    mode: str = MODES[0]
 
     @property
     def new_per_chunk(self) -> int:
@@ -45,34 +59,62 @@ class LongVideoPlan:
 
     @property
     def chunks(self) -> int:
+        """Chunks of a chain (the same count in pixels and in latents: both chains add ``new_per_chunk`` frames)."""
         return 1 + max(0, math.ceil((self.frames - self.chunk_frames) / self.new_per_chunk))
 
+    @property
+    def latent_frames(self) -> int:
+        """Latent frames of the whole video (its frames rounded up to ``1 + tf*k``)."""
+        return 1 + math.ceil((self.frames - 1) / self.temporal_factor)
 
-def plan_long_video(rules: SizeRules, width: int, height: int, frames: int, chunk_frames: int, overlap: int) -> LongVideoPlan:
-    """Check the size and lengths against ``rules`` (the VAE's ``video_rules``; errors name the input and the
-    allowed values) and return the plan."""
+    @property
+    def chunk_latents(self) -> int:
+        return 1 + (self.chunk_frames - 1) // self.temporal_factor
+
+    @property
+    def overlap_latents(self) -> int:
+        return 1 + (self.overlap - 1) // self.temporal_factor
+
+    @property
+    def windows(self) -> list[tuple[int, int]]:
+        """Latent-frame spans of the context windows."""
+        return window_spans(self.latent_frames, self.chunk_latents, self.overlap_latents)
+
+    @property
+    def runs(self) -> int:
+        """Sampling runs of ``steps`` each: one per chunk in a chain, one for all windows."""
+        return 1 if self.mode == "context windows" else self.chunks
+
+
+def plan_long_video(rules: SizeRules, width: int, height: int, frames: int, chunk_frames: int, overlap: int,
+                    mode: str = MODES[0]) -> LongVideoPlan:
+    """Check the size, lengths and mode against ``rules`` (the VAE's ``video_rules``; errors name the input and the
+    allowed values) and return the plan. Chunks and windows are whole latent frames: ``1 + tf*k`` pixel frames."""
     tf = rules.temporal_factor
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not allowed; allowed values: {list(MODES)}")
     rules.check_side("width", width)
     rules.check_side("height", height)
     if frames < 1:
         raise ValueError(f"frames={frames} is not allowed: it must be >= 1")
     if chunk_frames < 1 + tf or (chunk_frames - 1) % tf:
         raise ValueError(
-            f"chunk_frames={chunk_frames} is not allowed: it must be 1 + {tf}*k with k >= 1 (the model's trained "
-            f"length is the natural choice); {describe_allowed(chunk_frames, 1 + tf, tf)}"
+            f"chunk_frames={chunk_frames} is not allowed: it must be 1 + {tf}*k with k >= 1 (whole latent frames; the "
+            f"model's trained length is the natural choice); {describe_allowed(chunk_frames, 1 + tf, tf)}"
         )
     if overlap < 1 or (overlap - 1) % tf or overlap >= chunk_frames:
         raise ValueError(
-            f"overlap={overlap} is not allowed with chunk_frames={chunk_frames}: it must be 1 + {tf}*m and smaller "
-            f"than chunk_frames, so that each chunk adds new frames; {describe_allowed(overlap, 1, tf, below=chunk_frames)}"
+            f"overlap={overlap} is not allowed with chunk_frames={chunk_frames}: it must be 1 + {tf}*m (whole latent "
+            f"frames) and smaller than chunk_frames, so that each chunk or window adds new frames; "
+            f"{describe_allowed(overlap, 1, tf, below=chunk_frames)}"
         )
-    return LongVideoPlan(width, height, frames, chunk_frames, overlap)
+    return LongVideoPlan(width, height, frames, chunk_frames, overlap, tf, mode)
 
 
 def generate_long_video(
     model: SpacetimeModel,
     vae: SpacetimeVAE,
-    positive: SpacetimeConditioning,
+    prompts: EncodedSchedule,
     negative: SpacetimeConditioning,
     plan: LongVideoPlan,
     seed: int,
@@ -84,8 +126,8 @@ def generate_long_video(
     on_step: StepDone | None = None,
     use: ModuleUse | None = None,
 ) -> torch.Tensor:
-    """IMAGE frames ``[plan.frames, height, width, 3]``: chunk ``i`` is sampled with seed
-    ``seed + i`` (mod 2**64)."""
+    """IMAGE frames ``[plan.frames, height, width, 3]`` in ``plan.mode``: chunk ``i`` of a chain is sampled with seed
+    ``seed + i`` (mod 2**64), the windows with ``seed``. ``prompts``: the schedule (``single_prompt`` for one)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength={strength} is not allowed: it must be between 0 and 1")
     if model.image_channels:
@@ -93,19 +135,100 @@ def generate_long_video(
             f"model {model.name} is an image-to-video model: the long-video node starts from text alone; use a text-to-"
             "video model (Wan 2.1 T2V, Wan 2.2 TI2V-5B or T2V-A14B), or chain Spacetime Extend Video nodes from an image"
         )
+    prompts.schedule.check_length(plan.frames)
+    sampler = _Sampler(model, prompts, negative, settings, device, on_step, use, plan.temporal_factor)
+    if plan.mode == "pixel chain":
+        return _pixel_chain(sampler, vae, plan, seed, strength, vae_device, on_chunk)
+    if plan.mode == "latent chain":
+        latent = _latent_chain(sampler, vae, plan, seed, strength, on_chunk)
+    else:
+        latent = _context_windows(sampler, vae, plan, seed)
+        if on_chunk is not None:
+            on_chunk(1, 1)
+    return decode_frames(vae, latent[:, :, :plan.latent_frames], vae_device)[:plan.frames]
+
+
+class _Sampler:
+    """What every chunk or window of one video shares: the model, the contexts of the schedule's prompts (made
+    once) and the negative's, the solver settings and the callbacks."""
+
+    def __init__(self, model: SpacetimeModel, prompts: EncodedSchedule, negative: SpacetimeConditioning,
+                 settings: SolverSettings, device: torch.device, on_step: StepDone | None, use: ModuleUse | None,
+                 temporal_factor: int):
+        self.model, self.prompts, self.settings, self.device = model, prompts, settings, device
+        self.on_step, self.use, self.temporal_factor = on_step, use, temporal_factor
+        self.contexts = [model.text_context(c, "positive", 1, device) for c in prompts.conditionings]
+        self.negative_context = model.text_context(negative, "negative", 1, device)
+
+    def weights(self, first_latent: int, count: int, pixel_offset: int = 0) -> torch.Tensor:
+        """Prompt weights ``[prompts, count]`` of latent frames ``first_latent ..`` (``PromptSchedule.latent_weights``)."""
+        return self.prompts.schedule.latent_weights(first_latent, count, self.temporal_factor, pixel_offset).float()
+
+    def velocity_of(self, weights: torch.Tensor):
+        """``velocity_of(dit, cfg)`` of a latent whose frames take the prompt ``weights`` ``[prompts, F]``."""
+        return lambda dit, cfg: prompt_mix_velocity(dit, self.contexts, weights.to(self.device), self.negative_context, cfg)
+
+    def sample(self, shape: tuple[int, ...], seed: int, velocity_of, known: KnownLatents | None = None) -> torch.Tensor:
+        """Raw latents ``shape`` ``[1,C,F,h,w]`` from the noise of ``seed``, holding ``known`` frames; as ``generate``
+        does for text to video (the same noise, start and guide), with the given velocities."""
+        self.model.check_latent(shape)
+        normalize = self.model.latent_format.normalize
+        x0_start = normalize(torch.zeros(shape)).to(self.device)
+        noise = initial_noise(shape, seed).to(self.device)
+        guide = None if known is None else known.guide(normalize, noise, self.model.holds_known_frames_clean)
+        return run_sampler(self.model, velocity_of, x0_start, noise, self.settings, self.on_step, guide, self.use)
+
+
+def _latent_chain(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, seed: int, strength: float,
+                  on_chunk: ChunkDone | None) -> torch.Tensor:
+    """The raw latent ``[1,C,F,h,w]`` of the chain (``F >= plan.latent_frames``: the last chunk is whole)."""
+    size, kept = plan.chunk_latents, plan.overlap_latents
+    step = size - kept
+    shape = (1, vae.latent_channels, size, plan.height // vae.spatial_factor, plan.width // vae.spatial_factor)
+    latent = torch.zeros(1, shape[1], size + (plan.chunks - 1) * step, *shape[3:])
+    for index in range(plan.chunks):
+        start = index * step
+        known = None
+        if index > 0:
+            known = KnownLatents(latent[:, :, start: start + kept].clone(), tuple(range(kept)), (strength,) * kept,
+                                 tuple(shape[1:]), (plan.chunk_frames, plan.height, plan.width))
+        velocity_of = sampler.velocity_of(sampler.weights(start, size))
+        sampled = sampler.sample(shape, (seed + index) % 2**64, velocity_of, known)
+        new_from = 0 if index == 0 else kept  # the known frames stay the previous chunk's own latents, bit for bit
+        latent[:, :, start + new_from: start + size] = sampled[:, :, new_from:]
+        if on_chunk is not None:
+            on_chunk(index + 1, plan.chunks)
+    return latent
+
+
+def _context_windows(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, seed: int) -> torch.Tensor:
+    """The raw latent ``[1,C,plan.latent_frames,h,w]``, all windows denoised together at every step."""
+    spans = plan.windows
+    blend = window_weights(spans, plan.latent_frames)
+    shape = (1, vae.latent_channels, plan.latent_frames, plan.height // vae.spatial_factor, plan.width // vae.spatial_factor)
+    per_window = [sampler.weights(start, stop - start) for start, stop in spans]
+
+    def velocity_of(dit, cfg):
+        return windowed_velocity(lambda i: sampler.velocity_of(per_window[i])(dit, cfg), spans, blend)
+
+    return sampler.sample(shape, seed, velocity_of)
+
+
+def _pixel_chain(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, seed: int, strength: float,
+                 vae_device: torch.device, on_chunk: ChunkDone | None) -> torch.Tensor:
+    """The baseline: each chunk decoded, its tail encoded again as the next chunk's known frames."""
     width, height = plan.width, plan.height
     video = torch.empty(plan.frames, height, width, 3)
+    shape = (1, vae.latent_channels, plan.chunk_latents, height // vae.spatial_factor, width // vae.spatial_factor)
     done = 0
     for index in range(plan.chunks):
-        if index == 0:
-            known, keep_from = None, 0
-            latent = empty_latent(vae, width, height, plan.chunk_frames, 1)
-        else:
+        known, keep_from = None, 0
+        if index > 0:
             tail = video[done - plan.overlap: done]
-            prompt = extend_video(vae, tail, "forward", plan.overlap, plan.new_per_chunk, strength, vae_device)
-            known, keep_from = prompt.known, plan.overlap
-            latent = known.empty_target()
-        samples = generate(model, positive, negative, latent, (seed + index) % 2**64, settings, device, on_step=on_step, known=known, use=use)
+            known = extend_video(vae, tail, "forward", plan.overlap, plan.new_per_chunk, strength, vae_device).known
+            keep_from = plan.overlap
+        velocity_of = sampler.velocity_of(sampler.weights(0, plan.chunk_latents, index * plan.new_per_chunk))
+        samples = sampler.sample(shape, (seed + index) % 2**64, velocity_of, known)
         pixels = decode_frames(vae, samples, vae_device)[keep_from:]
         count = min(len(pixels), plan.frames - done)
         video[done: done + count] = pixels[:count]

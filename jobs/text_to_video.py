@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..model_defs.bundles import ImageCondition, SpacetimeConditioning, SpacetimeModel, SpacetimeTextEncoder, SpacetimeVAE
-from ..model_defs.flow_matching import SolverSettings, StepCallback, StepStart, VelocityFn, guided_velocity, initial_noise, sample
+from ..model_defs.flow_matching import Guide, SolverSettings, StepCallback, StepStart, VelocityFn, guided_velocity, initial_noise, sample
 from ..model_defs.experts import ExpertSwitch, default_boundary
 from ..model_defs.known_frames import KnownLatents
 from ..model_defs.lora import applied
@@ -66,9 +66,25 @@ def generate(
         known = None  # the image channels carry the given frames
     guide = None if known is None else known.guide(model.latent_format.normalize, noise, model.holds_known_frames_clean)
     model_fn = _conditioned(image, tuple(latent.shape), device) if model.image_channels else (lambda dit: dit)
+    velocity_of = lambda dit, cfg: guided_velocity(model_fn(dit), pos_ctx, neg_ctx, cfg)  # noqa: E731
+    return run_sampler(model, velocity_of, x0_start, noise, settings, on_step, guide, use)
+
+
+def run_sampler(
+    model: SpacetimeModel,
+    velocity_of: Callable[[WanDiT, float], VelocityFn],
+    x0_start: torch.Tensor,
+    noise: torch.Tensor,
+    settings: SolverSettings,
+    on_step: StepCallback | None = None,
+    guide: Guide | None = None,
+    use: ModuleUse | None = None,
+) -> torch.Tensor:
+    """The solver from ``noise`` (and ``x0_start``, model space, both on the sampling device) to raw latents
+    on the CPU: ``velocity_of(dit, cfg)`` makes the velocity of each step's DiT (``stepwise_velocity``).
+    ``generate`` is this with classifier-free guidance on one prompt; long videos pass their own velocities."""
     sigmas = settings.sigmas()
     with torch.inference_mode():
-        velocity_of = lambda dit, cfg: guided_velocity(model_fn(dit), pos_ctx, neg_ctx, cfg)  # noqa: E731
         with stepwise_velocity(model, sigmas, settings, velocity_of, use) as (velocity, step_start):
             result = sample(velocity, x0_start, noise, sigmas, settings.scheduler, on_step, guide, step_start)
     return model.latent_format.denormalize(result).float().cpu()

@@ -1,6 +1,6 @@
 """ComfyUI nodes of the pack (V1 classes). Node ids are prefixed ``Spacetime`` to avoid clashes."""
 from .hub import SpacetimeHubDownload
-from .long_video import SpacetimeLongVideo
+from .long_video import SpacetimeLongVideo, SpacetimePromptSchedule
 from .lora import SpacetimeLoadLoRA
 from .loaders import SpacetimeCLIPVisionLoader, SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
 from .packed import SpacetimePackedSampler
@@ -26,6 +26,7 @@ NODE_CLASS_MAPPINGS = {
     "SpacetimeConnectVideos": SpacetimeConnectVideos,
     "SpacetimeJoinVideo": SpacetimeJoinVideo,
     "SpacetimeLongVideo": SpacetimeLongVideo,
+    "SpacetimePromptSchedule": SpacetimePromptSchedule,
     "SpacetimeExpertPair": SpacetimeExpertPair,
 }
 
@@ -47,5 +48,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SpacetimeConnectVideos": "Spacetime Connect Videos",
     "SpacetimeJoinVideo": "Spacetime Join Video",
     "SpacetimeLongVideo": "Spacetime Long Video",
+    "SpacetimePromptSchedule": "Spacetime Prompt Schedule",
     "SpacetimeExpertPair": "Spacetime Pair Experts (Wan 2.2 A14B)",
 }

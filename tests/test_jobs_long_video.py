@@ -45,35 +45,106 @@ def _text(seed: int) -> SpacetimeConditioning:
     return SpacetimeConditioning(EncodedText(embeddings, torch.ones(1, 8, dtype=torch.bool), ("x",), (False,)), "test")
 
 
-def test_chunks_continue_the_video_at_one_chunks_size(monkeypatch, tiny_model, tiny_vae):
+def _spy_sampling(monkeypatch):
+    """Record every chunk (or windows) run: its latent shape, seed and known latents; and the latent frames every
+    DiT call sees."""
+    runs, dit_frames = [], []
+    real_sample, real_mix = long_video._Sampler.sample, long_video.prompt_mix_velocity
+
+    def spy_sample(self, shape, seed, velocity_of, known=None):
+        out = real_sample(self, shape, seed, velocity_of, known)
+        runs.append((tuple(shape), seed, None if known is None else known.latents.clone(), out.clone()))
+        return out
+
+    def spy_mix(model_fn, *args):
+        def counted(x, t, context):
+            dit_frames.append(x.shape[2])
+            return model_fn(x, t, context)
+        return real_mix(counted, *args)
+
+    monkeypatch.setattr(long_video._Sampler, "sample", spy_sample)
+    monkeypatch.setattr(long_video, "prompt_mix_velocity", spy_mix)
+    return runs, dit_frames
+
+
+def test_pixel_chain_continues_the_decoded_video_at_one_chunks_size(monkeypatch, tiny_model, tiny_vae):
     model, vae = tiny_model, tiny_vae
     positive, negative = _text(0), _text(1)
-    calls, extended = [], []
-    real_generate, real_extend = long_video.generate, long_video.extend_video
-
-    def spy_generate(model_, pos, neg, latent, seed, *args, known=None, **kwargs):
-        calls.append((tuple(latent.shape), seed, known is not None))
-        return real_generate(model_, pos, neg, latent, seed, *args, known=known, **kwargs)
+    extended = []
+    runs, dit_frames = _spy_sampling(monkeypatch)
+    real_extend = long_video.extend_video
 
     def spy_extend(vae_, video, direction, overlap, new_frames, *args):
         extended.append((video.clone(), direction, overlap, new_frames))
         return real_extend(vae_, video, direction, overlap, new_frames, *args)
 
-    monkeypatch.setattr(long_video, "generate", spy_generate)
     monkeypatch.setattr(long_video, "extend_video", spy_extend)
     seed, steps = 2**64 - 2, 2  # the seeds wrap around instead of overflowing
-    (video,) = SpacetimeLongVideo().generate(model, vae, positive, negative, 64, 64, 37, 17, 5, seed, steps, 3.0, 3.0, "unipc", 1.0)
+    (video,) = SpacetimeLongVideo().generate(model, vae, positive, negative, 64, 64, 37, 17, 5, seed, steps, 3.0, 3.0, "unipc", 1.0,
+                                             "pixel chain")
 
     assert video.shape == (37, 64, 64, 3) and torch.isfinite(video).all() and video.std() > 0.01
-    assert calls == [((1, 16, 5, 8, 8), 2**64 - 2, False), ((1, 16, 5, 8, 8), 2**64 - 1, True), ((1, 16, 5, 8, 8), 0, True)]
+    assert [(shape, s, known is not None) for shape, s, known, _ in runs] == [
+        ((1, 16, 5, 8, 8), 2**64 - 2, False), ((1, 16, 5, 8, 8), 2**64 - 1, True), ((1, 16, 5, 8, 8), 0, True)]
+    assert set(dit_frames) == {5}  # memory of one chunk: no DiT call sees more
     # each extension continues the last 5 frames of the video as generated so far (12 new frames per chunk)
     assert [(d, o, n) for _, d, o, n in extended] == [("forward", 5, 12)] * 2
     torch.testing.assert_close(extended[0][0], video[12:17], rtol=0, atol=0)
     torch.testing.assert_close(extended[1][0], video[24:29], rtol=0, atol=0)
     # the first chunk is plain text to video with the node's seed
     latent = empty_latent(vae, 64, 64, 17, 1)
-    plain = decode_frames(vae, real_generate(model, positive, negative, latent, seed, SolverSettings(steps, 3.0, 3.0, "unipc"), CPU), CPU)
+    plain = decode_frames(vae, generate(model, positive, negative, latent, seed, SolverSettings(steps, 3.0, 3.0, "unipc"), CPU), CPU)
     torch.testing.assert_close(video[:17], plain, rtol=0, atol=0)
+
+
+def test_latent_chain_holds_the_previous_chunks_latents_and_decodes_once(monkeypatch, tiny_model, tiny_vae):
+    model, vae = tiny_model, tiny_vae
+    positive, negative = _text(0), _text(1)
+    runs, dit_frames = _spy_sampling(monkeypatch)
+    decoded = []
+    real_decode = long_video.decode_frames
+    monkeypatch.setattr(long_video, "decode_frames", lambda vae_, latent, device: decoded.append(latent.shape) or real_decode(vae_, latent, device))
+    monkeypatch.setattr(long_video, "extend_video", None)  # no pixel round trip at all
+    seed, steps = 7, 2
+    (video,) = SpacetimeLongVideo().generate(model, vae, positive, negative, 64, 64, 34, 17, 5, seed, steps, 3.0, 3.0, "unipc", 1.0)
+
+    # 34 frames: 10 latent frames (37 frames decoded, cut); 3 chunks of 5 latent frames adding 3 each (11: the last
+    # chunk is sampled whole, its extra latent frame is not decoded)
+    assert video.shape == (34, 64, 64, 3) and torch.isfinite(video).all() and video.std() > 0.01
+    assert [(shape, s) for shape, s, _, _ in runs] == [((1, 16, 5, 8, 8), 7), ((1, 16, 5, 8, 8), 8), ((1, 16, 5, 8, 8), 9)]
+    assert set(dit_frames) == {5}
+    assert decoded == [(1, 16, 10, 8, 8)]  # once, the whole latent
+    for (_, _, _, before), (_, _, known, after) in zip(runs, runs[1:]):
+        # the known latent frames are the previous chunk's last two, and the chunk keeps them (to the latent
+        # format's normalize/denormalize round trip; the video keeps the previous chunk's own)
+        torch.testing.assert_close(known, before[:, :, 3:], rtol=0, atol=0)
+        torch.testing.assert_close(after[:, :, :2], before[:, :, 3:], rtol=0, atol=1e-6)
+    # the causal decode of the whole latent begins exactly as the first chunk decoded alone, which is plain text to video
+    latent = empty_latent(vae, 64, 64, 17, 1)
+    first = generate(model, positive, negative, latent, seed, SolverSettings(steps, 3.0, 3.0, "unipc"), CPU)
+    torch.testing.assert_close(runs[0][3], first, rtol=0, atol=0)
+    torch.testing.assert_close(video[:17], real_decode(vae, first, CPU), rtol=0, atol=1e-5)
+
+
+def test_one_context_window_is_the_plain_sampler(tiny_model, tiny_vae):
+    model, vae = tiny_model, tiny_vae
+    positive, negative = _text(0), _text(1)
+    (video,) = SpacetimeLongVideo().generate(model, vae, positive, negative, 64, 64, 17, 17, 5, 3, 2, 3.0, 3.0, "unipc", 1.0,
+                                             "context windows")
+    latent = empty_latent(vae, 64, 64, 17, 1)
+    plain = decode_frames(vae, generate(model, positive, negative, latent, 3, SolverSettings(2, 3.0, 3.0, "unipc"), CPU), CPU)
+    torch.testing.assert_close(video, plain, rtol=0, atol=0)
+
+
+def test_context_windows_denoise_every_window_at_every_step(monkeypatch, tiny_model, tiny_vae):
+    model, vae = tiny_model, tiny_vae
+    runs, dit_frames = _spy_sampling(monkeypatch)
+    (video,) = SpacetimeLongVideo().generate(model, vae, _text(0), _text(1), 64, 64, 45, 17, 5, 3, 2, 3.0, 3.0, "unipc", 1.0,
+                                             "context windows")
+    assert video.shape == (45, 64, 64, 3) and torch.isfinite(video).all()
+    assert [(shape, s) for shape, s, _, _ in runs] == [((1, 16, 12, 8, 8), 3)]  # one run over the whole latent, one seed
+    # windows (0,5), (3,8), (6,11), (7,12): four DiT calls per step, each of one window
+    assert dit_frames == [5] * 4 * 2
 
 
 def test_node_refuses_a_bad_strength_before_sampling(tiny_model, tiny_vae):
