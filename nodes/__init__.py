@@ -4,6 +4,7 @@ from .long_video import SpacetimeLongVideo
 from .lora import SpacetimeLoadLoRA
 from .loaders import SpacetimeCLIPVisionLoader, SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
 from .packed import SpacetimePackedSampler
+from .provenance import SpacetimeSaveVideo, SpacetimeVerify
 from .sampling import SpacetimeEmptyLatentVideo, SpacetimeExpertPair, SpacetimeSampler, SpacetimeTextEncode
 from .vae import SpacetimeVAEDecode, SpacetimeVAEEncode
 from .video_prompts import SpacetimeConnectVideos, SpacetimeExtendVideo, SpacetimeImageToVideo, SpacetimeJoinVideo
@@ -27,6 +28,8 @@ NODE_CLASS_MAPPINGS = {
     "SpacetimeJoinVideo": SpacetimeJoinVideo,
     "SpacetimeLongVideo": SpacetimeLongVideo,
     "SpacetimeExpertPair": SpacetimeExpertPair,
+    "SpacetimeSaveVideo": SpacetimeSaveVideo,
+    "SpacetimeVerify": SpacetimeVerify,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -48,4 +51,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SpacetimeJoinVideo": "Spacetime Join Video",
     "SpacetimeLongVideo": "Spacetime Long Video",
     "SpacetimeExpertPair": "Spacetime Pair Experts (Wan 2.2 A14B)",
+    "SpacetimeSaveVideo": "Spacetime Save Video",
+    "SpacetimeVerify": "Spacetime Verify",
 }

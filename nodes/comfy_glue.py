@@ -19,6 +19,7 @@ import torch
 
 MODEL_EXTENSIONS = (".safetensors", ".sft")
 MODELS_DIR_ENV = "SPACETIME_MODELS_DIR"
+OUTPUT_DIR_ENV = "SPACETIME_OUTPUT_DIR"
 PREVIEWS_DIR_ENV = "SPACETIME_PREVIEWS_DIR"
 # ComfyUI folder names; the second name is an older alias ComfyUI also searches.
 FOLDER_ALIASES = {"diffusion_models": "unet", "text_encoders": "clip", "vae": None, "clip_vision": None, "loras": None}
@@ -40,6 +41,14 @@ def in_comfyui() -> bool:
 
 def models_dir() -> Path:
     return Path(os.environ.get(MODELS_DIR_ENV, "models")).expanduser()
+
+
+def output_dir() -> Path:
+    """Where save nodes write: ComfyUI's output folder, or ``$SPACETIME_OUTPUT_DIR`` (default ``./output``)."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None:
+        return Path(folder_paths.get_output_directory())
+    return Path(os.environ.get(OUTPUT_DIR_ENV, "output")).expanduser()
 
 
 def list_model_files(folder: str) -> list[str]:
