@@ -15,6 +15,7 @@ for the choice in BENCHMARKS.md. Last line:
 ``provenance: bits_h264=X bits_resize=Y bits_crop=Z false_pos=W psnr=P``.
 
 Usage: python benchmarks/provenance.py [--videos 50] [--unmarked 200] [--steps 20] [--library blind-watermark]
+                                      [--cache videos.npz]
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ class InvisibleWatermark:
         return tuple(int(v > 0.5) for v in votes)
 
 
-def evaluate(videos: int, unmarked: int, steps: int, library: str, log=print) -> dict:
+def evaluate(videos: int, unmarked: int, steps: int, library: str, cache: Path | None = None, log=print) -> dict:
     load_package()
     from comfyui_spacetime.jobs.provenance import watermark
     from comfyui_spacetime.training.clips import render_pool
@@ -135,8 +136,13 @@ def evaluate(videos: int, unmarked: int, steps: int, library: str, log=print) ->
         return watermark.matching_bits(marker.read_bits(frames)) / len(watermark.PAYLOAD)
 
     start = time.time()
-    clean = builtin_videos(videos, steps, log)
-    log(f"generated {videos} videos in {time.time() - start:.0f} s")
+    if cache is not None and cache.is_file() and len(np.load(cache)["videos"]) >= videos:
+        clean = list(np.load(cache)["videos"][:videos])
+    else:
+        clean = builtin_videos(videos, steps, log)
+        if cache is not None:
+            np.savez_compressed(cache, videos=np.stack(clean))
+    log(f"generated (or loaded) {videos} videos in {time.time() - start:.0f} s")
     start = time.time()
     scores = {"saved": [], "h264": [], "resize": [], "crop": [], "psnr": []}
     for frames in clean:
@@ -168,8 +174,9 @@ def main() -> None:
     parser.add_argument("--unmarked", type=int, default=200)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--library", choices=("blind-watermark", "invisible-watermark"), default="blind-watermark")
+    parser.add_argument("--cache", type=Path, help="keep the generated videos in this .npz, to measure another library on the same ones")
     args = parser.parse_args()
-    r = evaluate(args.videos, args.unmarked, args.steps, args.library)
+    r = evaluate(args.videos, args.unmarked, args.steps, args.library, args.cache)
     print(f"library={args.library} videos={args.videos} unmarked={args.unmarked}; bit accuracy as saved {r['saved']:.3f}; "
           f"worst video: h264 {r['min_h264']:.3f} resize {r['min_resize']:.3f} crop {r['min_crop']:.3f}; "
           f"mark detected (>= 26/32 bits): h264 {r['detected_h264']:.2f} resize {r['detected_resize']:.2f} crop {r['detected_crop']:.2f}; "

@@ -4,6 +4,7 @@ from .long_video import SpacetimeLongVideo
 from .lora import SpacetimeLoadLoRA
 from .loaders import SpacetimeCLIPVisionLoader, SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
 from .packed import SpacetimePackedSampler
+from .prompt import SpacetimeExtendPrompt
 from .provenance import SpacetimeSaveVideo, SpacetimeVerify
 from .sampling import SpacetimeEmptyLatentVideo, SpacetimeExpertPair, SpacetimeSampler, SpacetimeTextEncode
 from .vae import SpacetimeVAEDecode, SpacetimeVAEEncode
@@ -30,6 +31,7 @@ NODE_CLASS_MAPPINGS = {
     "SpacetimeExpertPair": SpacetimeExpertPair,
     "SpacetimeSaveVideo": SpacetimeSaveVideo,
     "SpacetimeVerify": SpacetimeVerify,
+    "SpacetimeExtendPrompt": SpacetimeExtendPrompt,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -53,4 +55,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SpacetimeExpertPair": "Spacetime Pair Experts (Wan 2.2 A14B)",
     "SpacetimeSaveVideo": "Spacetime Save Video",
     "SpacetimeVerify": "Spacetime Verify",
+    "SpacetimeExtendPrompt": "Spacetime Extend Prompt",
 }

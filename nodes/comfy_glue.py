@@ -68,6 +68,33 @@ def list_model_files(folder: str) -> list[str]:
     return sorted(names)
 
 
+def _folder_roots(folder: str) -> list[Path]:
+    """Where a models folder lives: ComfyUI's paths for it (or ``<models>/<folder>`` when ComfyUI has none registered,
+    as for ``LLM``), else ``$SPACETIME_MODELS_DIR/<folder>``."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None:
+        try:
+            return [Path(p) for p in folder_paths.get_folder_paths(folder)]
+        except KeyError:
+            return [Path(folder_paths.models_dir) / folder]
+    return [models_dir() / folder]
+
+
+def list_model_dirs(folder: str) -> list[str]:
+    """The sub-folders of a models folder (a transformers model is a folder), sorted."""
+    return sorted({p.name for root in _folder_roots(folder) if root.is_dir() for p in root.iterdir() if p.is_dir()})
+
+
+def model_dir_path(folder: str, name: str, input_name: str) -> Path:
+    """The model folder ``name`` inside ``folder``; a one-line error naming the input and the folders there."""
+    for root in _folder_roots(folder):
+        if name and (root / name).is_dir() and _inside(root / name, [root]):
+            return root / name
+    where = ", ".join(str(root) for root in _folder_roots(folder))
+    raise FileNotFoundError(f"{input_name}={name!r}: no such model folder in '{folder}' ({where}). "
+                            f"Available: {list_model_dirs(folder) or 'none'}; put a transformers model folder there or pick another.")
+
+
 def download_folder(folder: str) -> Path:
     """Where a downloaded file of ``folder`` goes: ComfyUI's first path for it, or ``models/<folder>``."""
     folder_paths = _comfy("folder_paths")
