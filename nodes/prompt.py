@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 
+from ..jobs.builtin_prompt import builtin_caption
 from ..jobs.prompt_extension import LLM_FOLDER, MODES, Extension, extend_endpoint, extend_local
 from . import comfy_glue
 from .widgets import SEED, validate_inputs
 
 log = logging.getLogger(__name__)
-BACKENDS = ("local", "endpoint")
+BACKENDS = ("local", "endpoint", "built-in")
 ON_ERROR = ("fail", "pass through")
 NO_MODEL = "(no model in models/LLM)"
 
@@ -31,7 +32,8 @@ class SpacetimeExtendPrompt:
                 "prompt": ("STRING", {"multiline": True, "default": "a red ball rolls left"}),
                 "mode": (list(MODES), {"default": "t2v", "tooltip": "t2v: text-to-video; i2v: the video starts from an image (give its caption)."}),
                 "backend": (list(BACKENDS), {"default": "local", "tooltip": "local: a transformers model folder in models/LLM "
-                                                                            "(Qwen2.5-3B/7B-Instruct, as Wan's tool uses); endpoint: an OpenAI-compatible server."}),
+                                                                            "(Qwen2.5-3B/7B-Instruct, as Wan's tool uses); endpoint: an OpenAI-compatible server; "
+                                                                            "built-in: the built-in model's words (no LLM)."}),
                 "local_model": (_local_models(), {"tooltip": "A folder in models/LLM with config.json, *.safetensors and the tokenizer files."}),
                 "endpoint_url": ("STRING", {"default": "http://127.0.0.1:11434", "tooltip": "Ollama, llama.cpp server or vLLM: their base URL."}),
                 "endpoint_model": ("STRING", {"default": "qwen2.5:7b-instruct", "tooltip": "The model name the endpoint serves."}),
@@ -48,7 +50,9 @@ class SpacetimeExtendPrompt:
 
     def extend(self, prompt, mode, backend, local_model, endpoint_url, endpoint_model, seed, max_new_tokens, on_error, image_caption=""):
         try:
-            if backend == "local":
+            if backend == "built-in":
+                result = Extension(*builtin_caption(prompt))
+            elif backend == "local":
                 path = comfy_glue.model_dir_path(LLM_FOLDER, "" if local_model == NO_MODEL else local_model, "local_model")
                 result = extend_local(path, prompt, mode, seed, max_new_tokens, image_caption)
             else:
