@@ -50,20 +50,34 @@ MOTION_PHRASES = {"left": "drifts to the left", "right": "drifts to the right", 
 _BACKGROUND_SPAN = re.compile(r"((?:[\w-]+\s+){0,3}?)(?:background|backdrop|backdrops|backgrounds)\b")
 
 
+def _stem(word: str) -> str:
+    """A crude English stem, enough to match "plummeting", "plummets" and "plummet"."""
+    for suffix in ("ing", "es", "ed", "s"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word
+
+
+def _stems(text: str) -> str:
+    """``text`` as space-separated stems between spaces (hyphens split words: "cherry-red" -> "cherry red")."""
+    return " " + " ".join(_stem(word) for word in re.findall(r"[a-z']+", text.lower())) + " "
+
+
 def _find(text: str, table: dict[str, tuple[str, ...]]) -> str | None:
-    """The canonical word whose own word or synonym occurs first in ``text`` (whole words)."""
-    best: tuple[int, str] | None = None
+    """The canonical word whose own word or synonym occurs first in ``text`` (whole words, stemmed)."""
+    stems, best = _stems(text), None
     for canonical, others in table.items():
         for word in (canonical, *others):
-            match = re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text)
-            if match and (best is None or match.start() < best[0]):
-                best = (match.start(), canonical)
+            at = stems.find(_stems(word))
+            if at >= 0 and (best is None or at < best[0]):
+                best = (at, canonical)
     return best[1] if best else None
 
 
 def _find_motion(text: str) -> str | None:
+    stems = _stems(text)
     for canonical, words in MOTIONS.items():
-        if any(re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text) for word in words):
+        if any(_stems(word) in stems for word in words):
             return canonical
     return None
 
