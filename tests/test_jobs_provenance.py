@@ -151,16 +151,3 @@ def test_prompt_provenance_names_model_files_and_hashes_the_prompt():
     assert marks.models == ("spacetime-builtin-tiny", "vae.sft", "lora.safetensors") and len(marks.workflow_sha256) == 64
     assert prompt_provenance({**prompt, "3": {"class_type": "X", "inputs": {}}}).workflow_sha256 != marks.workflow_sha256
 
-
-def test_the_watermark_library_leaves_the_start_method_alone():
-    """blind_watermark sets multiprocessing's start method at import (and fails when it is already fixed)."""
-    import subprocess
-    import sys
-
-    code = ("import multiprocessing, sys; multiprocessing.set_start_method('spawn'); sys.path.insert(0, sys.argv[1]); "
-            "from spacetime_bootstrap import load_package; load_package(); "
-            "from comfyui_spacetime.jobs.provenance import watermark; watermark._watermark(); "
-            "print(multiprocessing.get_start_method())")
-    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
-    out = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "spawn"

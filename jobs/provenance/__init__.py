@@ -46,7 +46,7 @@ def _tell_once(key: str, line: str) -> None:
 
 def watermark_on(settings: Provenance) -> bool:
     if settings.watermark and not watermark.available():
-        _tell_once("watermark", "provenance: invisible watermark off: the blind-watermark package (with opencv-python and "
+        _tell_once("watermark", "provenance: invisible watermark off: the invisible-watermark package (with opencv-python and "
                                 "PyWavelets) is not installed; pip install -r requirements.txt")
         return False
     return settings.watermark

@@ -16,7 +16,7 @@ class Verdict:
     path: str
     manifest: str  # valid, tampered, absent, unsupported, unavailable (c2pa-python missing)
     manifest_detail: str
-    watermark: str  # present, absent, unavailable (blind-watermark missing), too small
+    watermark: str  # present, absent, unavailable (invisible-watermark missing), too small
     bits: str  # the 32 bits read, e.g. "1011...", "" when not read
     matching_bits: int
     generation: dict | None = None  # models, workflow hash and signer note from the manifest

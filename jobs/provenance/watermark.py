@@ -1,19 +1,18 @@
 """The invisible watermark of every video and image the pack writes: a fixed 32-bit payload embedded in each
-frame with the ``blind-watermark`` library (DWT, then DCT + SVD quantisation of 4x4 blocks; Guo Fei,
-github.com/guofei9987/blind_watermark), chosen over ``invisible-watermark`` by ``benchmarks/provenance.py``
-(BENCHMARKS.md, "Provenance").
+frame with the ``invisible-watermark`` library's DWT-DCT-SVD method (the one Stable Diffusion's reference scripts
+used; ShieldMnt/invisible-watermark): the chroma (U) plane's Haar low band is cut into 4x4 blocks, and each
+block's largest DCT singular value is quantised to carry one bit. Chosen over ``blind-watermark`` by
+``benchmarks/provenance.py`` (BENCHMARKS.md, "Provenance"): more robust to H.264 and resizing at a higher PSNR.
 
 Frames of any size are marked on one canonical 64x64 grid: the frame is resampled to 64x64, the library
-marks that, and the difference (the mark) is resampled back to the frame's size and added. Detection
-resamples any frame to 64x64, reads the bits of every frame and takes the per-bit majority over frames. The
-mark lives in the DWT's low band (32x32 detail), so a 0.5x resize keeps it and the reader needs no original
-size. Frames smaller than ``MIN_SIDE`` are not marked (the mark would not survive their resampling).
+marks that, and the difference (the mark) is resampled back to the frame's size and added. (The library's own
+``WatermarkEncoder`` refuses images under 256x256 pixels; its embedder class has no such limit.) Detection
+resamples any frame to 64x64 and decides each bit by the share of its blocks, over all frames, that read 1, so
+the reader needs no original size. Frames smaller than ``MIN_SIDE`` are not marked.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 
 import numpy as np
 
@@ -24,33 +23,21 @@ MIN_SIDE = 32  # smaller frames are left unmarked
 # the least matching bits (of 32) to call the mark present: unmarked clips match 16 on average; 26 or more by
 # chance has a probability of 3e-4 for random bits (benchmarks/provenance.py measures false positives on clips)
 PRESENT_AT = 26
-# quantisation steps of the library's two singular values (its defaults: 36, 20); larger: more robust, lower PSNR
-STRENGTH = (36, 20)
-LIBRARY = "blind-watermark"
+# the quantisation step of the U plane's singular values (the library's default); the Y plane is left alone:
+# marking it too lowered both the PSNR and the bits read after H.264 (benchmarks/provenance.py, on clips)
+SCALES = (0, 36)
+LIBRARY = "invisible-watermark"
 
 
 def available() -> bool:
     """Whether the library (and OpenCV and PyWavelets under it) is installed."""
-    return all(importlib.util.find_spec(name) is not None for name in ("blind_watermark", "cv2", "pywt"))
+    return all(importlib.util.find_spec(name) is not None for name in ("imwatermark", "cv2", "pywt"))
 
 
-def _watermark():
-    import multiprocessing
+def _embedder(bits=()):
+    from imwatermark.dwtDctSvd import EmbedDwtDctSvd
 
-    # blind_watermark.pool calls multiprocessing.set_start_method('fork') at import: a process-wide switch (and a
-    # RuntimeError once anything in the process has fixed the start method). We run it in its serial mode, which
-    # needs no processes, so its import runs with that call made a no-op.
-    set_start_method = multiprocessing.set_start_method
-    multiprocessing.set_start_method = lambda *args, **kwargs: None
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the library prints a banner at first use, and its progress
-            from blind_watermark import WaterMark
-
-            mark = WaterMark(password_wm=1, password_img=1)
-    finally:
-        multiprocessing.set_start_method = set_start_method
-    mark.bwm_core.d1, mark.bwm_core.d2 = STRENGTH
-    return mark
+    return EmbedDwtDctSvd(list(bits), wmLen=len(PAYLOAD), scales=list(SCALES) + [0])
 
 
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -72,29 +59,32 @@ def embed(frames: np.ndarray) -> np.ndarray:
     _, height, width, _ = frames.shape
     if not markable(height, width):
         return frames
+    embedder = _embedder(PAYLOAD)
     marked = np.empty_like(frames)
     for index, frame in enumerate(frames):
-        grid = _resize(frame.astype(np.float32), GRID, GRID).round().clip(0, 255)
-        mark = _watermark()
-        with contextlib.redirect_stdout(io.StringIO()):
-            mark.read_img(img=grid[..., ::-1].copy())  # it takes OpenCV's BGR order
-            mark.read_wm(list(map(bool, PAYLOAD)), mode="bit")
-            out = mark.embed()[..., ::-1]
-        delta = _resize((out - grid).astype(np.float32), width, height)
+        grid = _resize(frame.astype(np.float32), GRID, GRID).round().clip(0, 255).astype(np.uint8)
+        out = embedder.encode(grid[..., ::-1].copy())[..., ::-1].astype(np.float32)  # the library takes OpenCV's BGR
+        delta = _resize(out - grid.astype(np.float32), width, height)
         marked[index] = (frame.astype(np.float32) + delta).round().clip(0, 255).astype(np.uint8)
     return marked
 
 
 def read_bits(frames: np.ndarray) -> tuple[int, ...]:
-    """The 32 bits read from uint8 frames ``[N,H,W,3]`` of any size: the per-bit majority over frames."""
-    votes = np.zeros(len(PAYLOAD))
+    """The 32 bits read from uint8 frames ``[N,H,W,3]`` of any size: each bit by the share of its blocks, over
+    all frames, that read 1 (every frame has 64 blocks per plane, each bit 2 of them)."""
+    import cv2
+    import pywt
+
+    reader = _embedder()
+    scores: list[list[float]] = [[] for _ in PAYLOAD]
     for frame in frames:
-        grid = _resize(frame, GRID, GRID).astype(np.float32)
-        mark = _watermark()
-        with contextlib.redirect_stdout(io.StringIO()):
-            bits = mark.extract(embed_img=grid[..., ::-1].copy(), wm_shape=len(PAYLOAD), mode="bit")
-        votes += np.asarray(bits, dtype=np.float64) > 0.5
-    return tuple(int(v) for v in (votes > len(frames) / 2))
+        grid = _resize(frame, GRID, GRID)
+        yuv = cv2.cvtColor(np.ascontiguousarray(grid[..., ::-1]), cv2.COLOR_BGR2YUV)
+        for channel, scale in enumerate(SCALES):
+            if scale > 0:
+                low, _ = pywt.dwt2(yuv[..., channel].astype(np.float64), "haar")
+                scores = reader.decode_frame(low, scale, scores)
+    return tuple(int(np.mean(bit_scores) > 0.5) for bit_scores in scores)
 
 
 def matching_bits(bits: tuple[int, ...]) -> int:
