@@ -1,6 +1,8 @@
 """The few native ComfyUI nodes our shipped workflows use (to save results, to pick frames),
 implemented for the headless runner with the same node ids, inputs and widget order as ComfyUI's, so
-one workflow file runs in both. (Inside ComfyUI these are never registered: ComfyUI's own run.)"""
+one workflow file runs in both. (Inside ComfyUI these are never registered: ComfyUI's own run.) The save
+nodes mark what they write (``provenance``, from the runner's switches); ComfyUI's own do not: inside
+ComfyUI, the pack's Spacetime Save Video node does."""
 from __future__ import annotations
 
 import math
@@ -11,7 +13,8 @@ import numpy as np
 import torch
 
 from ..model_defs.hub import relative_path_problem
-from .video_io import check_filename_prefix, next_output_path, write_mp4, write_webp
+from ..jobs.provenance import OFF, Provenance
+from ..jobs.video_files import check_filename_prefix, next_output_path, write_mp4, write_webp
 
 WEBP_METHODS = {"default": 4, "fastest": 0, "slowest": 6}
 
@@ -60,8 +63,9 @@ class SaveAnimatedWEBP:
     def VALIDATE_INPUTS(cls, filename_prefix=None, fps=None):
         return video_inputs_problem(filename_prefix, fps)
 
-    def save_images(self, images, filename_prefix, fps, lossless, quality, method, output_dir: Path):
-        path = write_webp(images, next_output_path(output_dir, filename_prefix, "webp"), fps, lossless, quality, WEBP_METHODS[method])
+    def save_images(self, images, filename_prefix, fps, lossless, quality, method, output_dir: Path, provenance: Provenance = OFF):
+        path = write_webp(images, next_output_path(output_dir, filename_prefix, "webp"), fps, lossless, quality, WEBP_METHODS[method],
+                          provenance=provenance)
         return {"ui": {"files": [str(path)]}}
 
 
@@ -111,8 +115,8 @@ class SaveVideo:
     def VALIDATE_INPUTS(cls, filename_prefix=None):
         return video_inputs_problem(filename_prefix)
 
-    def save_video(self, video, filename_prefix, format, codec, output_dir: Path):
-        path = write_mp4(video.images, next_output_path(output_dir, filename_prefix, "mp4"), video.fps)
+    def save_video(self, video, filename_prefix, format, codec, output_dir: Path, provenance: Provenance = OFF):
+        path = write_mp4(video.images, next_output_path(output_dir, filename_prefix, "mp4"), video.fps, provenance=provenance)
         return {"ui": {"files": [str(path)]}}
 
 

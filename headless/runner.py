@@ -1,6 +1,8 @@
 """Headless workflow runner: executes a workflow's nodes in dependency order and prints every file
-the save nodes wrote, one path per line. Usage:
-``python run_workflow.py WORKFLOW.json [--output-dir DIR] [--input-dir DIR] [--previews DIR]``."""
+the save nodes wrote, one path per line. Every file written carries the pack's provenance (watermark and
+C2PA manifest; ``jobs/provenance``) unless switched off. Usage:
+``python run_workflow.py WORKFLOW.json [--output-dir DIR] [--input-dir DIR] [--previews DIR]
+[--no-watermark] [--no-c2pa] [--certificate PEM]``."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..jobs.provenance import Provenance, prompt_provenance
 from ..model_defs.hub import HubDownloadError
 from ..nodes import NODE_CLASS_MAPPINGS
 from ..nodes.comfy_glue import PREVIEWS_DIR_ENV
@@ -82,13 +85,27 @@ def _call_over_lists(node_class, inputs: dict[str, list], extra: dict) -> tuple[
     return outputs, written
 
 
-def run_workflow(path: str | Path, output_dir: str | Path, input_dir: str | Path = DEFAULT_INPUT_DIR) -> list[Path]:
+def api_prompt(calls: dict[str, NodeCall]) -> dict:
+    """The workflow as ComfyUI's API-format prompt (what its save nodes get as the hidden ``prompt`` input)."""
+    return {
+        node_id: {"class_type": call.class_type, "inputs": {
+            name: [value.node_id, value.slot] if isinstance(value, Link) else value for name, value in call.inputs.items()}}
+        for node_id, call in calls.items()
+    }
+
+
+def run_workflow(path: str | Path, output_dir: str | Path, input_dir: str | Path = DEFAULT_INPUT_DIR,
+                 provenance: Provenance = Provenance()) -> list[Path]:
     """Run every node of the workflow (Load Image reads ``input_dir``); returns the written files in the order
     they were written. Values travel as lists, as in ComfyUI, so a list output (``OUTPUT_IS_LIST``) makes
-    downstream nodes run once per element."""
+    downstream nodes run once per element. ``provenance``: the switches and certificate of the native save
+    nodes (ComfyUI's have no such inputs); the manifest names the workflow's models and hash."""
     types = node_types(input_dir)
     calls = load_workflow(path, types)
     validate(calls, types)
+    provenance.check()
+    prompt = api_prompt(calls)
+    marks = prompt_provenance(prompt, provenance)
     output_dir = Path(output_dir)
     results: dict[str, list[list]] = {}  # node id -> its outputs, each a list of values
     written: list[Path] = []
@@ -101,7 +118,9 @@ def run_workflow(path: str | Path, output_dir: str | Path, input_dir: str | Path
         }
         extra = {}
         if call.class_type in NATIVE_NODE_CLASS_MAPPINGS and getattr(node_class, "OUTPUT_NODE", False):
-            extra["output_dir"] = output_dir
+            extra["output_dir"], extra["provenance"] = output_dir, marks
+        elif "prompt" in node_class.INPUT_TYPES().get("hidden", {}):
+            extra["prompt"] = prompt  # ComfyUI's hidden input: our save node names the workflow's models and hash
         try:
             results[node_id], files = _call_over_lists(node_class, inputs, extra)
         except Exception as exc:  # one line for the user; run_workflow's callers still get the traceback as __cause__
@@ -116,13 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="output", help="where save nodes write (default: ./output)")
     parser.add_argument("--input-dir", default=str(DEFAULT_INPUT_DIR), help="where Load Image reads (default: ./input)")
     parser.add_argument("--previews", metavar="DIR", help="write every sampling step's latent preview here as PNG")
+    parser.add_argument("--no-watermark", action="store_true", help="save without the invisible watermark")
+    parser.add_argument("--no-c2pa", action="store_true", help="save without the signed C2PA manifest")
+    parser.add_argument("--certificate", default="", metavar="PEM",
+                        help="sign C2PA manifests with this PEM file (certificate chain and private key); default: a local "
+                             "self-signed certificate generated on first use")
     args = parser.parse_args(argv)
+    switches = Provenance(watermark=not args.no_watermark, c2pa=not args.no_c2pa, certificate=args.certificate)
     before = os.environ.get(PREVIEWS_DIR_ENV)
     if args.previews:  # read by the progress bars (nodes/comfy_glue.Progress), as ComfyUI shows them in its UI
         os.environ[PREVIEWS_DIR_ENV] = str(Path(args.previews).expanduser())
     try:
-        files = run_workflow(args.workflow, args.output_dir, args.input_dir)
-    except WorkflowError as exc:  # one line, never a traceback: the message names the node and the input
+        files = run_workflow(args.workflow, args.output_dir, args.input_dir, switches)
+    except (WorkflowError, ValueError) as exc:  # one line, never a traceback: the message names the node and the input
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -4,6 +4,8 @@ from .long_video import SpacetimeLongVideo, SpacetimePromptSchedule
 from .lora import SpacetimeLoadLoRA
 from .loaders import SpacetimeCLIPVisionLoader, SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
 from .packed import SpacetimePackedSampler
+from .prompt import SpacetimeExtendPrompt
+from .provenance import SpacetimeSaveVideo, SpacetimeVerify
 from .sampling import SpacetimeEmptyLatentVideo, SpacetimeExpertPair, SpacetimeSampler, SpacetimeTextEncode
 from .vae import SpacetimeVAEDecode, SpacetimeVAEEncode
 from .video_prompts import SpacetimeConnectVideos, SpacetimeExtendVideo, SpacetimeImageToVideo, SpacetimeJoinVideo
@@ -28,6 +30,9 @@ NODE_CLASS_MAPPINGS = {
     "SpacetimeLongVideo": SpacetimeLongVideo,
     "SpacetimePromptSchedule": SpacetimePromptSchedule,
     "SpacetimeExpertPair": SpacetimeExpertPair,
+    "SpacetimeSaveVideo": SpacetimeSaveVideo,
+    "SpacetimeVerify": SpacetimeVerify,
+    "SpacetimeExtendPrompt": SpacetimeExtendPrompt,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -50,4 +55,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SpacetimeLongVideo": "Spacetime Long Video",
     "SpacetimePromptSchedule": "Spacetime Prompt Schedule",
     "SpacetimeExpertPair": "Spacetime Pair Experts (Wan 2.2 A14B)",
+    "SpacetimeSaveVideo": "Spacetime Save Video",
+    "SpacetimeVerify": "Spacetime Verify",
+    "SpacetimeExtendPrompt": "Spacetime Extend Prompt",
 }

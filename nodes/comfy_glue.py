@@ -19,6 +19,7 @@ import torch
 
 MODEL_EXTENSIONS = (".safetensors", ".sft")
 MODELS_DIR_ENV = "SPACETIME_MODELS_DIR"
+OUTPUT_DIR_ENV = "SPACETIME_OUTPUT_DIR"
 PREVIEWS_DIR_ENV = "SPACETIME_PREVIEWS_DIR"
 # ComfyUI folder names; the second name is an older alias ComfyUI also searches.
 FOLDER_ALIASES = {"diffusion_models": "unet", "text_encoders": "clip", "vae": None, "clip_vision": None, "loras": None}
@@ -42,6 +43,14 @@ def models_dir() -> Path:
     return Path(os.environ.get(MODELS_DIR_ENV, "models")).expanduser()
 
 
+def output_dir() -> Path:
+    """Where save nodes write: ComfyUI's output folder, or ``$SPACETIME_OUTPUT_DIR`` (default ``./output``)."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None:
+        return Path(folder_paths.get_output_directory())
+    return Path(os.environ.get(OUTPUT_DIR_ENV, "output")).expanduser()
+
+
 def list_model_files(folder: str) -> list[str]:
     """Model files of a ComfyUI models folder (relative names, sorted)."""
     folder_paths = _comfy("folder_paths")
@@ -57,6 +66,33 @@ def list_model_files(folder: str) -> list[str]:
                 str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in MODEL_EXTENSIONS
             )
     return sorted(names)
+
+
+def _folder_roots(folder: str) -> list[Path]:
+    """Where a models folder lives: ComfyUI's paths for it (or ``<models>/<folder>`` when ComfyUI has none registered,
+    as for ``LLM``), else ``$SPACETIME_MODELS_DIR/<folder>``."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None:
+        try:
+            return [Path(p) for p in folder_paths.get_folder_paths(folder)]
+        except KeyError:
+            return [Path(folder_paths.models_dir) / folder]
+    return [models_dir() / folder]
+
+
+def list_model_dirs(folder: str) -> list[str]:
+    """The sub-folders of a models folder (a transformers model is a folder), sorted."""
+    return sorted({p.name for root in _folder_roots(folder) if root.is_dir() for p in root.iterdir() if p.is_dir()})
+
+
+def model_dir_path(folder: str, name: str, input_name: str) -> Path:
+    """The model folder ``name`` inside ``folder``; a one-line error naming the input and the folders there."""
+    for root in _folder_roots(folder):
+        if name and (root / name).is_dir() and _inside(root / name, [root]):
+            return root / name
+    where = ", ".join(str(root) for root in _folder_roots(folder))
+    raise FileNotFoundError(f"{input_name}={name!r}: no such model folder in '{folder}' ({where}). "
+                            f"Available: {list_model_dirs(folder) or 'none'}; put a transformers model folder there or pick another.")
 
 
 def download_folder(folder: str) -> Path:

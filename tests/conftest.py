@@ -65,6 +65,22 @@ def pytest_runtest_call(item):
         torch.set_default_device(None)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def provenance_config_dir(tmp_path_factory):
+    """Save nodes sign with a local certificate made on first use in the user's config folder: in tests, a
+    temporary one, made once per run."""
+    import os
+
+    folder = tmp_path_factory.mktemp("spacetime_config")
+    before = os.environ.get("SPACETIME_CONFIG_DIR")
+    os.environ["SPACETIME_CONFIG_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("SPACETIME_CONFIG_DIR", None)
+    else:
+        os.environ["SPACETIME_CONFIG_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """The built-in tiny DiT on the reference kernels, loaded once per test run. Shared: never modify it."""

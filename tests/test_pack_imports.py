@@ -41,7 +41,9 @@ def test_node_declaration_is_well_formed(node_id):
     cls = NODE_CLASS_MAPPINGS[node_id]
     spec = cls.INPUT_TYPES()
     assert set(spec) <= {"required", "optional", "hidden"} and "required" in spec
-    for section in spec.values():
+    # hidden inputs are ComfyUI's own values, named by a string (nodes.py, e.g. SaveImage's "prompt": "PROMPT")
+    assert set(spec.get("hidden", {}).values()) <= {"PROMPT", "EXTRA_PNGINFO", "UNIQUE_ID"}
+    for section in (spec["required"], spec.get("optional", {})):
         for name, entry in section.items():
             assert isinstance(name, str) and isinstance(entry, tuple) and 1 <= len(entry) <= 2, name
             kind = entry[0]

@@ -9,7 +9,7 @@ import pytest
 from comfyui_spacetime.headless import runner
 from comfyui_spacetime.headless.native_nodes import CreateVideo, SaveAnimatedWEBP
 from comfyui_spacetime.headless.runner import NODE_TYPES, main, run_workflow
-from comfyui_spacetime.headless.video_io import next_output_path
+from comfyui_spacetime.jobs.video_files import next_output_path
 from comfyui_spacetime.headless.workflow import WorkflowError, load_workflow
 from comfyui_spacetime.model_defs.hub import HubDownloadError
 
