@@ -17,10 +17,18 @@ from ..model_defs.bundles import SpacetimeClipVision, SpacetimeTextEncoder, Spac
 from ..model_defs.checkpoint import DTYPES, load_model, load_vae
 from ..model_defs.clip_vision import load_clip_vision
 from ..model_defs.umt5 import UMT5_TOKENIZER_DIR, UMT5TextEncoder
+from ..model_defs.weight_streaming import check_budget, stream_weights
 from . import comfy_glue
+from .widgets import literal_values, validate_inputs
 
 WEIGHT_DTYPES = ["default", *DTYPES]
 KERNEL_CHOICES = ["auto", "reference"]
+GPU_BUDGET_GB = ("FLOAT", {
+    "default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.5, "round": 0.01,
+    "tooltip": "GB (1024^3 bytes) of DiT weights kept on the GPU; the other blocks stay in CPU memory and move in just "
+               "before they run (weight streaming: slower, for GPUs smaller than the model). 0: the whole model on the GPU. "
+               "Leave room for activations.",
+})
 
 
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -51,19 +59,28 @@ class SpacetimeModelLoader:
                     KERNEL_CHOICES,
                     {"default": "auto", "tooltip": "auto: fused Triton kernels on CUDA when they work; reference: plain PyTorch."},
                 ),
-            }
+            },
+            "optional": {  # optional: workflows saved before these inputs existed still load
+                "gpu_budget_gb": GPU_BUDGET_GB,
+            },
         }
 
-    def load(self, model_name: str, weight_dtype: str = "default", kernels: str = "auto"):
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        return validate_inputs(cls, values, lambda v: check_budget(*literal_values(v, "gpu_budget_gb")))
+
+    def load(self, model_name: str, weight_dtype: str = "default", kernels: str = "auto", gpu_budget_gb: float = 0.0):
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={kernels!r} is not allowed; allowed values: {KERNEL_CHOICES}")
+        check_budget(gpu_budget_gb)
         device = comfy_glue.torch_device("diffusion")
         dtype = resolve_dtype(weight_dtype, device)
         backend = get_backend(device, force_reference=kernels == "reference")
         if model_name == BUILTIN_MODEL:
-            return (builtin_model(backend, dtype),)
-        path = comfy_glue.model_file_path("diffusion_models", model_name, "model_name")
-        return (load_model(path, dtype, backend),)
+            model = builtin_model(backend, dtype)
+        else:
+            model = load_model(comfy_glue.model_file_path("diffusion_models", model_name, "model_name"), dtype, backend)
+        return (stream_weights(model, gpu_budget_gb, device),)
 
 
 class SpacetimeVAELoader:
