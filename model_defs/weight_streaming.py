@@ -10,7 +10,7 @@ this DiT) takes each streamed block's tensors out of the module into a storage d
 installs block hooks: the forward pre-hook materializes the block on the compute device (waiting for its prefetch)
 and starts the next streamed block's copy; the forward hook puts the placeholders back. Inside the run the
 module's own tables hold exactly what is on the device, so on a CPU (where "device" and storage are one torch
-device and no copy is made) the residency is still real and measurable (``resident_bytes``). The tensors are moved
+device and no copy is made) the residency is still real and measurable (``device_bytes``). The tensors are moved
 as they are stored: fp8 weights stay fp8, and whatever a LoRA swapped into a streamed block for the run (merged
 weights, parameter deltas) is what moves; unmerged LoRA terms stay on the device (``lora.applied``).
 
@@ -59,11 +59,13 @@ def module_bytes(module: nn.Module) -> int:
     return sum(tensor_bytes(tensor) for _, _, tensor in _entries(module))
 
 
-def resident_bytes(module: nn.Module, device: torch.device | str) -> int:
-    """Bytes of the parameters and buffers ``module`` holds on ``device`` right now (meta placeholders of blocks
-    streamed out do not count): the accounting the budget is kept by."""
+def device_bytes(dit: nn.Module, device: torch.device | str, streamer: "BlockStreamer | None" = None) -> int:
+    """Bytes of the distinct tensors of ``dit`` on ``device`` now: those in its own tables and, during a streaming
+    run, the streamed blocks moved in but not yet placed (prefetched). What the budget is kept by."""
     device = torch.device(device)
-    return sum(tensor_bytes(t) for _, _, t in _entries(module) if t.device.type == device.type)
+    tensors = [t for _, _, t in _entries(dit)] + ([] if streamer is None else streamer.moved_in())
+    distinct = {(t.data_ptr(), t.dtype, tuple(t.shape)): tensor_bytes(t) for t in tensors if t.device.type == device.type}
+    return sum(distinct.values())
 
 
 def check_budget(gpu_budget_gb) -> float:

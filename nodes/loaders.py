@@ -16,6 +16,7 @@ from ..model_defs.builtin import (
 from ..model_defs.bundles import SpacetimeClipVision, SpacetimeTextEncoder, SpacetimeVAE
 from ..model_defs.checkpoint import DTYPES, load_model, load_vae
 from ..model_defs.clip_vision import load_clip_vision
+from ..model_defs.compiled import COMPILE_CHOICES, check_compile, compile_blocks
 from ..model_defs.umt5 import UMT5_TOKENIZER_DIR, UMT5TextEncoder
 from ..model_defs.weight_streaming import check_budget, stream_weights
 from . import comfy_glue
@@ -62,6 +63,11 @@ class SpacetimeModelLoader:
             },
             "optional": {  # optional: workflows saved before these inputs existed still load
                 "gpu_budget_gb": GPU_BUDGET_GB,
+                "compile": (list(COMPILE_CHOICES), {
+                    "default": "off",
+                    "tooltip": "on: torch.compile each block at the first step (slow once, then faster steps); falls back to "
+                               "running uncompiled, with a log line, where compiling does not work.",
+                }),
             },
         }
 
@@ -69,10 +75,12 @@ class SpacetimeModelLoader:
     def VALIDATE_INPUTS(cls, **values):
         return validate_inputs(cls, values, lambda v: check_budget(*literal_values(v, "gpu_budget_gb")))
 
-    def load(self, model_name: str, weight_dtype: str = "default", kernels: str = "auto", gpu_budget_gb: float = 0.0):
+    def load(self, model_name: str, weight_dtype: str = "default", kernels: str = "auto", gpu_budget_gb: float = 0.0,
+             compile: str = "off"):
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={kernels!r} is not allowed; allowed values: {KERNEL_CHOICES}")
         check_budget(gpu_budget_gb)
+        check_compile(compile)
         device = comfy_glue.torch_device("diffusion")
         dtype = resolve_dtype(weight_dtype, device)
         backend = get_backend(device, force_reference=kernels == "reference")
@@ -80,6 +88,8 @@ class SpacetimeModelLoader:
             model = builtin_model(backend, dtype)
         else:
             model = load_model(comfy_glue.model_file_path("diffusion_models", model_name, "model_name"), dtype, backend)
+        if compile == "on":
+            compile_blocks(model.dit, model.name)
         return (stream_weights(model, gpu_budget_gb, device),)
 
 
