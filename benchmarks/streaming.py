@@ -8,7 +8,8 @@ Usage: python benchmarks/streaming.py [--device cpu|cuda] [--steps 3] [--latent 
   CPU no bytes move (storage and device are one), so the time shows the mechanism's own overhead only.
 - cuda: the Wan 14B config (wan2.1-t2v-14b shapes), its block Linear weights fp8 (e4m3fn) as ComfyUI's fp8 files,
   everything else bf16, random values; built on the meta device and each tensor materialized straight where it
-  lives (streamed blocks in pinned CPU memory, the rest on the GPU), so host RAM holds one copy (~14 GB). Prints
+  lives (blocks in CPU memory, the rest on the GPU); each budget's streamer copies its streamed blocks into pinned
+  memory (``PinnedArena``), so host RAM holds the model about twice at most (~28 GB). Prints
   torch.cuda.max_memory_allocated over one DiT forward (after a warm-up forward) at the default 480x832x81
   latent (21x60x104), with the weight bytes the plan puts on the GPU and the step time.
 One DiT forward is a step here (cfg 1: no negative pass).
@@ -114,8 +115,8 @@ def _meta_fp8_dit(config: WanDiTConfig, backend) -> WanDiT:
 
 
 def _materialize(dit: WanDiT, device: torch.device) -> dict[int, list]:
-    """Random values for every tensor: non-block ones bf16 on the GPU; block ones in pinned CPU memory (fp8 Linear
-    weights stay fp8, their scales fp32 1.0, the rest bf16). Returns each block's (table, name, pinned tensor)."""
+    """Random values for every tensor: non-block ones bf16 on the GPU; block ones in CPU memory (fp8 Linear weights
+    stay fp8, their scales fp32 1.0, the rest bf16). Returns each block's (table, name, CPU tensor)."""
     hosts: dict[int, list] = {}
     generator = torch.Generator(device).manual_seed(0)
     for name, module in dit.named_modules():
@@ -128,10 +129,8 @@ def _materialize(dit: WanDiT, device: torch.device) -> dict[int, list]:
                     value = torch.ones(meta.shape, dtype=torch.float32, device=device)
                 else:
                     value = (torch.randn(meta.shape, generator=generator, device=device, dtype=torch.bfloat16) * 0.02).to(dtype)
-                if name.startswith("blocks."):
-                    pinned = torch.empty(meta.shape, dtype=value.dtype, pin_memory=True)
-                    pinned.copy_(value)
-                    value = pinned
+                if name.startswith("blocks."):  # CPU memory; each budget's streamer pins its streamed blocks (PinnedArena)
+                    value = value.cpu()
                     hosts.setdefault(int(name.split(".")[1]), []).append((table, key, value))
                 table[key] = nn.Parameter(value, requires_grad=False) if isinstance(meta, nn.Parameter) else value
     torch.cuda.synchronize(device)
@@ -155,9 +154,9 @@ def run_cuda(args) -> None:
     for label, resident in _budgets(config.num_layers):
         plan = None if resident is None else plan_for_blocks(dit, resident)
         streamed = set() if plan is None else set(plan.streamed)
-        for index, entries in hosts.items():  # this budget's placement, from the one pinned copy
-            for table, key, pinned in entries:
-                value = pinned if index in streamed else pinned.to(device)
+        for index, entries in hosts.items():  # this budget's placement, from the one CPU copy
+            for table, key, host in entries:
+                value = host if index in streamed else host.to(device)
                 table[key] = nn.Parameter(value, requires_grad=False) if isinstance(table[key], nn.Parameter) else value
         streamer = None if plan is None else BlockStreamer(dit, plan, pin=True)
         torch.cuda.empty_cache()
@@ -174,9 +173,10 @@ def run_cuda(args) -> None:
             peak = torch.cuda.max_memory_allocated(device)
         planned = module_bytes(dit) if plan is None else plan.device_bytes
         print(f"| {label} | {len(streamed)} | {planned / GIB:.2f} | {peak / GIB:.2f} | {statistics.mean(times):.2f} |", flush=True)
-        for entries in hosts.values():  # back to the pinned copy: the GPU copies are freed
-            for table, key, pinned in entries:
-                table[key] = nn.Parameter(pinned, requires_grad=False) if isinstance(table[key], nn.Parameter) else pinned
+        for entries in hosts.values():  # back to the CPU copy: the GPU copies (and the streamer's pinned ones) are freed
+            for table, key, host in entries:
+                table[key] = nn.Parameter(host, requires_grad=False) if isinstance(table[key], nn.Parameter) else host
+        del streamer
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from comfyui_spacetime.model_defs.lora import read_lora
 from comfyui_spacetime.model_defs.text_encoders import EncodedText
 from comfyui_spacetime.model_defs.wan_dit import WanDiT, WanDiTConfig
 from comfyui_spacetime.model_defs.weight_streaming import (
-    GIB, BlockStreamer, module_bytes, plan_for_blocks, plan_streaming, stream_weights, tensor_bytes,
+    GIB, BlockStreamer, PinnedArena, module_bytes, plan_for_blocks, plan_streaming, stream_weights, tensor_bytes,
 )
 
 # 5 blocks (odd), dims that are not powers of two
@@ -233,3 +233,31 @@ def test_a_model_is_streamed_once():
     assert model.streamer is not None and len(model.streamer.plan.streamed) == CONFIG.num_layers - 1
     with pytest.raises(ValueError, match="already streamed; set gpu_budget_gb once, on its loader"):
         stream_weights(model, 1.0, CPU)
+
+
+@pytest.mark.parametrize("chunk", [2**17, 2**13])  # 8 KiB: the fp32 attention weights (9 KiB) get buffers of their own
+def test_pinned_blocks_are_packed_into_few_buffers(monkeypatch, chunk):
+    """The pinned path on the CPU with a plain allocator: streamed tensors copied into a few power-of-two buffers
+    (not one rounded-up allocation each, as PyTorch's pinned allocator would make), the output unchanged."""
+    model = _model(fp8=True)
+    with torch.no_grad():
+        expected = model.dit(*_inputs())
+    buffers = []
+
+    def allocate(count):
+        buffers.append(torch.zeros(count, dtype=torch.uint8))
+        return buffers[-1]
+
+    monkeypatch.setattr(PinnedArena, "CHUNK", chunk)  # a block spans buffers, as a 14B block spans GiB buffers
+    plan = plan_for_blocks(model.dit, 2)
+    streamer = BlockStreamer(model.dit, plan, pin=True, allocate=allocate)
+    stored = [t for i in plan.streamed for t in model.dit.blocks[i].state_dict().values()]
+    total = sum(PinnedArena.padded(t) for t in stored)
+    inside = lambda t, b: b.data_ptr() <= t.data_ptr() < b.data_ptr() + b.numel()  # noqa: E731
+    assert all(any(inside(t, b) for b in buffers) for t in stored)
+    base = lambda t: next(b.data_ptr() for b in buffers if inside(t, b))  # noqa: E731
+    assert all((t.data_ptr() - base(t)) % PinnedArena.ALIGN == 0 for t in stored)  # (pinned buffers are page-aligned)
+    one_each = sum(1 << (tensor_bytes(t) - 1).bit_length() for t in stored)  # the pinned allocator's rounding
+    assert streamer.arena.allocated == sum(b.numel() for b in buffers) <= 1.1 * total < one_each
+    with torch.no_grad(), streamer.streaming():
+        assert torch.equal(model.dit(*_inputs()), expected)
