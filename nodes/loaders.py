@@ -65,8 +65,9 @@ class SpacetimeModelLoader:
                 "gpu_budget_gb": GPU_BUDGET_GB,
                 "compile": (list(COMPILE_CHOICES), {
                     "default": "off",
-                    "tooltip": "on: torch.compile each block at the first step (slow once, then faster steps); falls back to "
-                               "running uncompiled, with a log line, where compiling does not work.",
+                    "tooltip": "on: torch.compile each block at the first step (slow once; for GPUs: on a CPU it did not speed up "
+                               "larger models, BENCHMARKS.md); falls back to running uncompiled, with a log line, where "
+                               "compiling does not work.",
                 }),
             },
         }
