@@ -144,14 +144,15 @@ def stepwise_velocity(
     """``with stepwise_velocity(...) as (velocity, step_start):`` the velocity the solver calls, and the
     ``step_start`` that picks the DiT of each step: the model's one DiT, or an expert pair's high-noise expert
     until its switch step and the low-noise one after (at its own cfg when set). ``velocity_of(dit, cfg)`` makes
-    one DiT's velocity; ``use`` places a DiT before its first step, and then that DiT's LoRAs are applied to it
-    (``lora.applied``) until the other expert takes over or the block ends, also when it raises: outside the
-    block every DiT holds its own weights."""
-    stages = [(model.dit, settings.cfg, model.loras)]
+    one DiT's velocity; ``use`` places a DiT before its first step (a streamed DiT: its resident part), and then
+    that DiT's LoRAs are applied to it (``lora.applied``) and its blocks streamed (``weight_streaming``) until the
+    other expert takes over or the block ends, also when it raises: outside the block every DiT holds its own
+    weights."""
+    stages = [(model.dit, settings.cfg, model.loras, model.streamer)]
     first_low = len(sigmas) - 1
     if model.low_noise is not None:
         low_cfg = settings.cfg if model.switch.cfg_low_noise is None else model.switch.cfg_low_noise
-        stages.append((model.low_noise.dit, low_cfg, model.low_noise.loras))
+        stages.append((model.low_noise.dit, low_cfg, model.low_noise.loras, model.low_noise.streamer))
         first_low = model.switch.first_low_noise_step(sigmas)
         log.info("Spacetime: %s", model.switch.describe(sigmas))
     current: list[tuple[WanDiT, VelocityFn]] = []
@@ -159,14 +160,16 @@ def stepwise_velocity(
     with contextlib.ExitStack() as lora_stack:
 
         def step_start(index: int) -> None:
-            dit, cfg, loras = stages[1] if index >= first_low else stages[0]
+            dit, cfg, loras, streamer = stages[1] if index >= first_low else stages[0]
             if not current or current[0][0] is not dit:
                 lora_stack.close()  # the previous DiT gets its own weights back before it is released
                 current.clear()
                 if use is not None:
                     with torch.inference_mode(False):  # weights moved here stay normal tensors (ComfyUI patches them later)
-                        use(dit)
+                        use(dit if streamer is None else streamer.resident)  # a streamed DiT: its resident part only
                 lora_stack.enter_context(applied(dit, loras))
+                if streamer is not None:  # after the LoRAs: a streamed block moves with what they put in it
+                    lora_stack.enter_context(streamer.streaming())
                 current[:] = [(dit, velocity_of(dit, cfg))]
 
         def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from .wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig
 if TYPE_CHECKING:  # clip_vision and lora read files through checkpoint, which imports this module
     from .clip_vision import ClipVisionConfig, ClipVisionEncoder
     from .lora import AppliedLora, LoraFile
+    from .weight_streaming import BlockStreamer
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,7 +57,8 @@ class SpacetimeModel:
     """SPACETIME_MODEL: a DiT, the latent format it was trained in, and the kernel backend it runs on.
     A Wan 2.2 A14B pair (``with_low_noise_expert``): ``dit`` is the high-noise expert, ``low_noise``
     the low-noise one and ``switch`` when sampling hands over. ``loras``: the LoRAs the sampler applies to
-    ``dit`` while it runs (``with_lora``; the module itself is never changed outside a sampling run)."""
+    ``dit`` while it runs (``with_lora``; the module itself is never changed outside a sampling run). ``streamer``:
+    set by the loader when the DiT does not all fit on the GPU (``weight_streaming``); each expert has its own."""
 
     dit: WanDiT
     latent_format: LatentFormat
@@ -65,6 +67,7 @@ class SpacetimeModel:
     low_noise: "SpacetimeModel | None" = None
     switch: ExpertSwitch | None = None
     loras: "tuple[AppliedLora, ...]" = ()
+    streamer: "BlockStreamer | None" = None
 
     @property
     def holds_known_frames_clean(self) -> bool:
@@ -93,7 +96,7 @@ class SpacetimeModel:
                 f"high_noise_model={self.name!r} and low_noise_model={low_noise.name!r} look swapped; connect the "
                 "high_noise file to high_noise_model"
             )
-        return SpacetimeModel(self.dit, self.latent_format, self.name, self.preset, low_noise, switch, self.loras)
+        return dataclasses.replace(self, low_noise=low_noise, switch=switch)
 
     def with_lora(self, lora: "LoraFile", strength: float = 1.0, mode: str = "unmerged") -> "SpacetimeModel":
         """This model with ``lora`` added to its LoRAs (they stack), bound to the DiT's layers now so a LoRA that

@@ -321,6 +321,8 @@ def applied(dit: nn.Module, loras: Sequence[AppliedLora]) -> Iterator[nn.Module]
     raises, the hooks are removed and every original parameter object is back: the state dict is bit-identical."""
     active = [a for a in loras if a.strength != 0.0]  # strength 0 is the base model exactly
     compute_dtype = dit.patch_embedding.weight.dtype
+    # unmerged terms live where the DiT computes, also for blocks streamed from CPU memory (small: they stay there)
+    compute_device = dit.patch_embedding.weight.device
     swaps, handles = _Swaps(), []
     try:
         with torch.no_grad():
@@ -339,7 +341,7 @@ def applied(dit: nn.Module, loras: Sequence[AppliedLora]) -> Iterator[nn.Module]
                 if mode == "unmerged":
                     module = dit.get_submodule(name)
                     dtype = compute_dtype if isinstance(module, FP8Linear) else module.weight.dtype
-                    handles.append(module.register_forward_hook(_unmerged_terms(deltas, module.weight.device, dtype)))
+                    handles.append(module.register_forward_hook(_unmerged_terms(deltas, compute_device, dtype)))
             for name, deltas in param_deltas.items():
                 owner_name, _, attr = name.rpartition(".")
                 owner = dit.get_submodule(owner_name)

@@ -163,7 +163,10 @@ class _Managed(torch.nn.Module):
 
 def prepare_on_device(module: torch.nn.Module, device: torch.device) -> None:
     """Put ``module`` on ``device``. Inside ComfyUI it is wrapped (once) in a ``ModelPatcher`` and loaded
-    with ``load_models_gpu``, so ComfyUI frees room for it and can evict it like its own models."""
+    with ``load_models_gpu``, so ComfyUI frees room for it and can evict it like its own models. A module
+    with ``device_working_bytes`` (a streamed DiT's resident part, ``weight_streaming.ResidentWeights``) needs
+    that much more while it runs (its streamed blocks in flight): ComfyUI is asked to free it too, so its
+    accounting holds the real resident size plus that, not the whole model."""
     mm, patcher_module = _comfy("comfy.model_management"), _comfy("comfy.model_patcher")
     if mm is not None and patcher_module is not None:
         patcher = _PATCHERS.get(module)
@@ -171,7 +174,11 @@ def prepare_on_device(module: torch.nn.Module, device: torch.device) -> None:
             holder = type(type(module).__name__, (_Managed,), {})(module)  # ComfyUI logs the class name
             patcher = patcher_module.ModelPatcher(holder, load_device=device, offload_device=offload_device())
             _PATCHERS[module] = patcher
-        mm.load_models_gpu([patcher], force_full_load=True)
+        working = getattr(module, "device_working_bytes", 0)
+        if working:
+            mm.load_models_gpu([patcher], memory_required=working, force_full_load=True)
+        else:
+            mm.load_models_gpu([patcher], force_full_load=True)
         return
     module.to(device)
 

@@ -17,8 +17,11 @@ from ..model_defs.builtin import (
 from ..model_defs.bundles import SpacetimeClipVision, SpacetimeTextEncoder, SpacetimeVAE
 from ..model_defs.checkpoint import DTYPES, load_model, load_vae
 from ..model_defs.clip_vision import load_clip_vision
+from ..model_defs.compiled import COMPILE_CHOICES, check_compile, compile_blocks
 from ..model_defs.umt5 import UMT5_TOKENIZER_DIR, UMT5TextEncoder
+from ..model_defs.weight_streaming import check_budget, stream_weights
 from . import comfy_glue
+from .widgets import literal_values, validate_inputs
 
 WEIGHT_DTYPES = ["default", *DTYPES]
 KERNEL_CHOICES = list(_KERNEL_CHOICES)  # auto, triton, sdpa, flash_attn, sage_attention, reference (= sdpa)
@@ -28,6 +31,12 @@ KERNEL_TOOLTIP = (
     "plain PyTorch; flash_attn (pip install flash-attn) and sage_attention (pip install sageattention) when "
     "installed. A choice that cannot run falls back to sdpa with one log line. reference: the old name of sdpa."
 )
+GPU_BUDGET_GB = ("FLOAT", {
+    "default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.5, "round": 0.01,
+    "tooltip": "GB (1024^3 bytes) of DiT weights kept on the GPU; the other blocks stay in CPU memory and move in just "
+               "before they run (weight streaming: slower, for GPUs smaller than the model). 0: the whole model on the GPU. "
+               "Leave room for activations.",
+})
 
 
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -58,19 +67,38 @@ class SpacetimeModelLoader:
                     KERNEL_CHOICES,
                     {"default": "auto", "tooltip": KERNEL_TOOLTIP},
                 ),
-            }
+            },
+            "optional": {  # optional: workflows saved before these inputs existed still load
+                "gpu_budget_gb": GPU_BUDGET_GB,
+                "compile": (list(COMPILE_CHOICES), {
+                    "default": "off",
+                    "tooltip": "on: torch.compile each block at the first step (slow once; for GPUs: on a CPU it did not speed up "
+                               "larger models, BENCHMARKS.md); falls back to running uncompiled, with a log line, where "
+                               "compiling does not work.",
+                }),
+            },
         }
 
-    def load(self, model_name: str, weight_dtype: str = "default", kernels: str = "auto"):
+    @classmethod
+    def VALIDATE_INPUTS(cls, **values):
+        return validate_inputs(cls, values, lambda v: check_budget(*literal_values(v, "gpu_budget_gb")))
+
+    def load(self, model_name: str, weight_dtype: str = "default", kernels: str = "auto", gpu_budget_gb: float = 0.0,
+             compile: str = "off"):
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={kernels!r} is not allowed; allowed values: {KERNEL_CHOICES}")
+        check_budget(gpu_budget_gb)
+        check_compile(compile)
         device = comfy_glue.torch_device("diffusion")
         dtype = resolve_dtype(weight_dtype, device)
         backend = get_backend(device, choice=kernels)
         if model_name == BUILTIN_MODEL:
-            return (builtin_model(backend, dtype),)
-        path = comfy_glue.model_file_path("diffusion_models", model_name, "model_name")
-        return (load_model(path, dtype, backend),)
+            model = builtin_model(backend, dtype)
+        else:
+            model = load_model(comfy_glue.model_file_path("diffusion_models", model_name, "model_name"), dtype, backend)
+        if compile == "on":
+            compile_blocks(model.dit, model.name)
+        return (stream_weights(model, gpu_budget_gb, device),)
 
 
 class SpacetimeVAELoader:
