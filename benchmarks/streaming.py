@@ -34,7 +34,7 @@ from comfyui_spacetime.kernels import get_backend  # noqa: E402
 from comfyui_spacetime.model_defs.fp8 import prepare_fp8  # noqa: E402
 from comfyui_spacetime.model_defs.wan_dit import DIT_PRESETS, WanDiT, WanDiTConfig  # noqa: E402
 from comfyui_spacetime.model_defs.weight_streaming import (  # noqa: E402
-    GIB, BlockStreamer, device_bytes, module_bytes, plan_for_blocks,
+    GIB, BlockStreamer, device_bytes, module_bytes, plan_for_blocks, plan_streaming,
 )
 
 CPU_CONFIG = WanDiTConfig(dim=768, ffn_dim=2048, freq_dim=256, text_dim=512, text_len=64, num_heads=6, num_layers=12)
@@ -137,22 +137,22 @@ def _materialize(dit: WanDiT, device: torch.device) -> dict[int, list]:
     return hosts
 
 
-def run_cuda(args) -> None:
+def _cuda_runs(placements, latent: tuple[int, int, int], steps: int, kernels: str = "reference"):
+    """The 14B config (block Linears fp8, random weights) on the GPU under each ``(label, plan_of(dit))`` of
+    ``placements`` (a plan, or None for all resident): yields ``(label, streamed blocks, planned bytes, peak
+    allocated bytes, mean step seconds)``, after a header line describing the model."""
     device = torch.device("cuda")
     config = DIT_PRESETS["wan2.1-t2v-14b"]
-    backend = get_backend(device, force_reference=args.kernels == "reference")
+    backend = get_backend(device, force_reference=kernels == "reference")
     dit = _meta_fp8_dit(config, backend).eval()
     start = time.perf_counter()
     hosts = _materialize(dit, device)
-    latent = tuple(int(v) for v in (args.latent or "21x60x104").split("x"))
     inputs = _inputs(config, latent, device, torch.bfloat16)
     print(f"{torch.cuda.get_device_name(device)}, Wan 14B config, block Linears fp8 ({module_bytes(dit) / GIB:.2f} GB of weights; "
           f"built in {time.perf_counter() - start:.0f} s), latent {'x'.join(map(str, latent))} "
-          f"({latent[0] * latent[1] * latent[2] // 4} tokens), kernels {backend.name}, {args.steps} steps after a warm-up")
-    print("| budget | streamed blocks | plan: weights on GPU (GB) | peak allocated (GB) | step (s) |")
-    print("|---|---:|---:|---:|---:|")
-    for label, resident in _budgets(config.num_layers):
-        plan = None if resident is None else plan_for_blocks(dit, resident)
+          f"({latent[0] * latent[1] * latent[2] // 4} tokens), kernels {backend.name}, {steps} steps after a warm-up", flush=True)
+    for label, plan_of in placements:
+        plan = plan_of(dit)
         streamed = set() if plan is None else set(plan.streamed)
         for index, entries in hosts.items():  # this budget's placement, from the one CPU copy
             for table, key, host in entries:
@@ -165,18 +165,39 @@ def run_cuda(args) -> None:
             dit(*inputs)  # warm-up
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(args.steps):
+            for _ in range(steps):
                 start = time.perf_counter()
                 dit(*inputs)
                 torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - start)
             peak = torch.cuda.max_memory_allocated(device)
         planned = module_bytes(dit) if plan is None else plan.device_bytes
-        print(f"| {label} | {len(streamed)} | {planned / GIB:.2f} | {peak / GIB:.2f} | {statistics.mean(times):.2f} |", flush=True)
+        yield label, len(streamed), planned, peak, statistics.mean(times)
         for entries in hosts.values():  # back to the CPU copy: the GPU copies (and the streamer's pinned ones) are freed
             for table, key, host in entries:
                 table[key] = nn.Parameter(host, requires_grad=False) if isinstance(table[key], nn.Parameter) else host
         del streamer
+
+
+def run_cuda(args) -> None:
+    latent = tuple(int(v) for v in (args.latent or "21x60x104").split("x"))
+    placements = [(label, (lambda dit, r=resident: None if r is None else plan_for_blocks(dit, r)))
+                  for label, resident in _budgets(DIT_PRESETS["wan2.1-t2v-14b"].num_layers)]
+    header = False
+    for label, streamed, planned, peak, step in _cuda_runs(placements, latent, args.steps, args.kernels):
+        if not header:
+            print("| budget | streamed blocks | plan: weights on GPU (GB) | peak allocated (GB) | step (s) |")
+            print("|---|---:|---:|---:|---:|")
+            header = True
+        print(f"| {label} | {streamed} | {planned / GIB:.2f} | {peak / GIB:.2f} | {step:.2f} |", flush=True)
+
+
+def streaming_peak_vram(budgets_gb: list[float], latent: tuple[int, int, int] = (5, 30, 52), steps: int = 1) -> dict[float, int]:
+    """For benchmarks/gpu_check.py: peak allocated bytes of one 14B-config step (a small latent, so three budgets
+    fit its time limit) with ``gpu_budget_gb`` set to each of ``budgets_gb``, planned by the loader's own rule."""
+    device = torch.device("cuda")
+    placements = [(budget, (lambda dit, b=budget: plan_streaming(dit, b, device))) for budget in budgets_gb]
+    return {label: peak for label, _, _, peak, _ in _cuda_runs(placements, latent, steps)}
 
 
 def main() -> None:
