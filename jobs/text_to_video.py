@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..model_defs.bundles import ImageCondition, SpacetimeConditioning, SpacetimeModel, SpacetimeTextEncoder, SpacetimeVAE
-from ..model_defs.flow_matching import SolverSettings, StepCallback, StepStart, VelocityFn, guided_velocity, initial_noise, sample
+from ..model_defs.flow_matching import NoiseStream, SolverSettings, StepCallback, StepStart, VelocityFn, guided_velocity, sample
 from ..model_defs.experts import ExpertSwitch, default_boundary
 from ..model_defs.known_frames import KnownLatents
 from ..model_defs.lora import applied
@@ -59,7 +59,8 @@ def generate(
     neg_ctx = model.text_context(negative, "negative", batch, device)
 
     x0_start = model.latent_format.normalize(latent.float()).to(device)
-    noise = initial_noise(tuple(latent.shape), seed).to(device)
+    noise_stream = NoiseStream(tuple(latent.shape), seed)  # the initial noise, then an "lcm" step's fresh noise per call
+    noise = noise_stream().to(device)
     if model.image_channels:
         if image is None:
             raise ValueError(f"model {model.name} is an image-to-video model: it needs an image (Spacetime Image To Video)")
@@ -70,7 +71,8 @@ def generate(
     with torch.inference_mode():
         velocity_of = lambda dit, cfg: guided_velocity(model_fn(dit), pos_ctx, neg_ctx, cfg)  # noqa: E731
         with stepwise_velocity(model, sigmas, settings, velocity_of, use) as (velocity, step_start):
-            result = sample(velocity, x0_start, noise, sigmas, settings.scheduler, on_step, guide, step_start)
+            result = sample(velocity, x0_start, noise, sigmas, settings.scheduler, on_step, guide, step_start,
+                            renoise=lambda: noise_stream().to(device))
     return model.latent_format.denormalize(result).float().cpu()
 
 
