@@ -159,7 +159,7 @@ def _targeted(name: str) -> bool:
     return name.startswith(("blocks.", "time_embedding.", "time_projection.", "head."))
 
 
-def train_student(trainer: LoraTrainer, data: Trajectories, steps: int, seed: int, log, batch: int = 64, lr: float = 2e-3) -> None:
+def train_student(trainer: LoraTrainer, data: Trajectories, steps: int, seed: int, log, batch: int = 32, lr: float = 3e-3) -> None:
     """Each step: ``batch`` random (trajectory, segment) pairs; the student's velocity at the segment's start
     (cfg 1: the positive prompt alone) regressed on the straight line to the teacher's state at its end."""
     generator = torch.Generator().manual_seed(seed)
@@ -186,7 +186,7 @@ def train_student(trainer: LoraTrainer, data: Trajectories, steps: int, seed: in
             log(f"student step {step + 1}/{steps}: loss {loss.item():.4f}")
 
 
-def train_fewstep_lora(trajectories: int, steps: int, seed: int, rank: int, log, batch: int = 64, lr: float = 2e-3,
+def train_fewstep_lora(trajectories: int, steps: int, seed: int, rank: int, log, batch: int = 32, lr: float = 3e-3,
                        cache: Path | None = None) -> dict[str, torch.Tensor]:
     """The whole recipe; returns the LoRA's tensors. ``cache``: a file holding the teacher's trajectories of these
     arguments (read when it exists, else written), so that student runs can be repeated without the teacher."""
@@ -216,11 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="Train the built-in model's few-step LoRA (4 Euler steps at cfg 1).")
-    parser.add_argument("--trajectories", type=int, default=512, help="teacher trajectories (training captions)")
-    parser.add_argument("--steps", type=int, default=1500, help="student training steps")
+    parser.add_argument("--trajectories", type=int, default=192, help="teacher trajectories (training captions)")
+    parser.add_argument("--steps", type=int, default=120, help="student training steps")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch", type=int, default=32, help="student batch, and the teacher's")
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR / FEWSTEP_LORA_FILE)
