@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from ..model_defs.bundles import SpacetimeConditioning, SpacetimeModel, SpacetimeVAE
-from ..model_defs.flow_matching import SolverSettings, initial_noise
+from ..model_defs.flow_matching import NoiseStream, SolverSettings
 from ..model_defs.known_frames import KnownLatents
 from ..model_defs.long_sampling import prompt_mix_velocity, window_spans, window_weights, windowed_velocity
 from ..model_defs.sizes import SizeRules, describe_allowed
@@ -174,9 +174,11 @@ class _Sampler:
         self.model.check_latent(shape)
         normalize = self.model.latent_format.normalize
         x0_start = normalize(torch.zeros(shape)).to(self.device)
-        noise = initial_noise(shape, seed).to(self.device)
+        noise_stream = NoiseStream(shape, seed)  # the initial noise, then an "lcm" step's fresh noise per call
+        noise = noise_stream().to(self.device)
         guide = None if known is None else known.guide(normalize, noise, self.model.holds_known_frames_clean)
-        return run_sampler(self.model, velocity_of, x0_start, noise, self.settings, self.on_step, guide, self.use)
+        return run_sampler(self.model, velocity_of, x0_start, noise, self.settings, self.on_step, guide, self.use,
+                           renoise=lambda: noise_stream().to(self.device))
 
 
 def _latent_chain(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, seed: int, strength: float,

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..model_defs.bundles import SpacetimeConditioning, SpacetimeModel
-from ..model_defs.flow_matching import SolverSettings, VelocityFn, initial_noise, sample
+from ..model_defs.flow_matching import NoiseStream, SolverSettings, VelocityFn, sample
 from ..model_defs.layers import patchify, unpatchify
 from ..model_defs.sizes import patch_grid
 from ..model_defs.token_layouts import make_pack, pack_text
@@ -116,7 +116,13 @@ def _sample_pack(
     x0_start = torch.cat([
         patchify(model.latent_format.normalize(torch.zeros(item.latent_shape))[0], patch) for item in items
     ]).to(device)  # [T,P]
-    noise = torch.cat([patchify(initial_noise(tuple(item.latent_shape), item.seed)[0], patch) for item in items]).to(device)  # [T,P]
+    # each item's own noise stream, as generate() draws it: the initial noise, then an "lcm" step's fresh noise per call
+    streams = [NoiseStream(tuple(item.latent_shape), item.seed) for item in items]
+
+    def next_noise() -> torch.Tensor:
+        return torch.cat([patchify(stream()[0], patch) for stream in streams]).to(device)  # [T,P]
+
+    noise = next_noise()
     with torch.inference_mode():
         pack = make_pack(grids * (2 if guided else 1), model.config.head_dim, device)  # positives, then negatives
         text = pack_text(torch.cat(contexts))  # [N*L, text_dim] (generate() masks no context token either)
@@ -136,7 +142,8 @@ def _sample_pack(
         sigmas = settings.sigmas()
         callback = None if on_step is None else (lambda done, _total, _x0: on_step(done))
         with stepwise_velocity(model, sigmas, settings, velocity_of, use) as (velocity, step_start):
-            result = sample(velocity, x0_start[None], noise[None], sigmas, settings.scheduler, callback, None, step_start)[0]  # [T,P]
+            result = sample(velocity, x0_start[None], noise[None], sigmas, settings.scheduler, callback, None, step_start,
+                            renoise=lambda: next_noise()[None])[0]  # [T,P]
     lengths = [math.prod(grid) for grid in grids]
     return [
         model.latent_format.denormalize(unpatchify(part, grid, patch)[None]).float().cpu()  # [1,C,T',H',W']

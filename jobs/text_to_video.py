@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..model_defs.bundles import ImageCondition, SpacetimeConditioning, SpacetimeModel, SpacetimeTextEncoder, SpacetimeVAE
-from ..model_defs.flow_matching import Guide, SolverSettings, StepCallback, StepStart, VelocityFn, guided_velocity, initial_noise, sample
+from ..model_defs.flow_matching import Guide, NoiseStream, SolverSettings, StepCallback, StepStart, VelocityFn, guided_velocity, sample
 from ..model_defs.experts import ExpertSwitch, default_boundary
 from ..model_defs.known_frames import KnownLatents
 from ..model_defs.lora import applied
@@ -59,7 +59,8 @@ def generate(
     neg_ctx = model.text_context(negative, "negative", batch, device)
 
     x0_start = model.latent_format.normalize(latent.float()).to(device)
-    noise = initial_noise(tuple(latent.shape), seed).to(device)
+    noise_stream = NoiseStream(tuple(latent.shape), seed)  # the initial noise, then an "lcm" step's fresh noise per call
+    noise = noise_stream().to(device)
     if model.image_channels:
         if image is None:
             raise ValueError(f"model {model.name} is an image-to-video model: it needs an image (Spacetime Image To Video)")
@@ -67,7 +68,7 @@ def generate(
     guide = None if known is None else known.guide(model.latent_format.normalize, noise, model.holds_known_frames_clean)
     model_fn = _conditioned(image, tuple(latent.shape), device) if model.image_channels else (lambda dit: dit)
     velocity_of = lambda dit, cfg: guided_velocity(model_fn(dit), pos_ctx, neg_ctx, cfg)  # noqa: E731
-    return run_sampler(model, velocity_of, x0_start, noise, settings, on_step, guide, use)
+    return run_sampler(model, velocity_of, x0_start, noise, settings, on_step, guide, use, renoise=lambda: noise_stream().to(device))
 
 
 def run_sampler(
@@ -79,14 +80,16 @@ def run_sampler(
     on_step: StepCallback | None = None,
     guide: Guide | None = None,
     use: ModuleUse | None = None,
+    renoise: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The solver from ``noise`` (and ``x0_start``, model space, both on the sampling device) to raw latents
     on the CPU: ``velocity_of(dit, cfg)`` makes the velocity of each step's DiT (``stepwise_velocity``).
-    ``generate`` is this with classifier-free guidance on one prompt; long videos pass their own velocities."""
+    ``renoise()`` draws the fresh noise of each step of a re-noising solver ("lcm"). ``generate`` is this with
+    classifier-free guidance on one prompt; long videos pass their own velocities."""
     sigmas = settings.sigmas()
     with torch.inference_mode():
         with stepwise_velocity(model, sigmas, settings, velocity_of, use) as (velocity, step_start):
-            result = sample(velocity, x0_start, noise, sigmas, settings.scheduler, on_step, guide, step_start)
+            result = sample(velocity, x0_start, noise, sigmas, settings.scheduler, on_step, guide, step_start, renoise=renoise)
     return model.latent_format.denormalize(result).float().cpu()
 
 

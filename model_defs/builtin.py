@@ -26,6 +26,10 @@ BUILTIN_VAE_PRESET = "tiny"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "builtin_weights"
 DIT_FILE = "dit.safetensors"
 VAE_FILE = "vae.safetensors"
+# The built-in DiT's few-step LoRA (``training/fewstep_lora.py``): 4 steps of euler_distill at cfg 1, shift 5.
+FEWSTEP_LORA_FILE = "fewstep_lora.safetensors"
+BUILTIN_FEWSTEP_LORA = "spacetime-builtin-tiny-fewstep (built-in)"
+BUILTIN_LORAS = {BUILTIN_FEWSTEP_LORA: FEWSTEP_LORA_FILE}  # the names the LoRA loader offers first -> their files
 
 _RESTORE = (
     "The built-in weights ship with the pack: restore them with `git checkout -- model_defs/builtin_weights` "
@@ -59,6 +63,14 @@ def builtin_model(backend: KernelBackend, dtype: torch.dtype = torch.float32, we
     if latent_format.rgb is None and (Path(weights_dir) / VAE_FILE).is_file():
         latent_format = dataclasses.replace(latent_format, rgb=read_latent_rgb(Path(weights_dir) / VAE_FILE))
     return SpacetimeModel(loaded.dit, latent_format, BUILTIN_MODEL, BUILTIN_DIT_PRESET)
+
+
+def builtin_lora_path(name: str, weights_dir: Path = WEIGHTS_DIR) -> Path:
+    """The file of a built-in LoRA (``BUILTIN_LORAS``), checked to exist."""
+    path = Path(weights_dir) / BUILTIN_LORAS[name]
+    if not path.is_file():
+        raise BuiltinWeightsError(f"The built-in LoRA {name} is missing: {path} does not exist. {_RESTORE}")
+    return path
 
 
 def builtin_text_encoder(device: torch.device | str = "cpu") -> SpacetimeTextEncoder:

@@ -6,6 +6,21 @@ Convention: ``x_sigma = (1 - sigma) * x0 + sigma * noise``; the model predicts t
 ``sigma' = shift*sigma / (1 + (shift-1)*sigma)``; Wan 2.1 `wan/text2video.py` for its use and its
 schedule (noise levels from 1 - 1/1000 down to 0); Zhao et al. 2023, "UniPC", for the multistep
 predictor-corrector (B(h) = e^h - 1 variant, data prediction, order 2), Wan's default solver.
+
+Few-step sampling, as the published Wan distillation LoRAs run it (at cfg 1):
+- the distillation levels: timesteps ``t_i = 1000 - floor(i * 1000 / steps)``, i < steps, then shifted, then 0. At 4
+  steps this is lightx2v's ``denoising_step_list: [1000, 750, 500, 250]`` with ``sample_shift: 5``
+  (ModelTC/LightX2V ``configs/distill/wan21/wan_t2v_distill_lora_4step_cfg.json``, read by
+  ``lightx2v/models/schedulers/wan/step_distill/scheduler.py``, which indexes the shifted 1000-level table at
+  ``1000 - t``), and for any step count ComfyUI's "simple" scheduler on a flow model (comfyanonymous/ComfyUI
+  ``comfy/samplers.py`` ``simple_scheduler`` over ``ModelSamplingDiscreteFlow.sigmas`` = sigma(k/1000), k = 1..1000),
+  which CausVid / self-forcing LoRA users pair with the LCM sampler.
+- "lcm": the data estimate ``x0 = x - sigma * v``, then re-noised to the next level with fresh noise,
+  ``(1 - sigma') * x0 + sigma' * noise'`` (lightx2v ``WanStepDistillScheduler.step_post`` for Wan 2.1; ComfyUI
+  ``comfy/k_diffusion/sampling.py`` ``sample_lcm`` with the flow model's ``noise_scaling``). The fresh noise comes from
+  the seed's own stream (``NoiseStream``), so one seed gives one video.
+- "euler_distill": plain Euler on the same levels (lightx2v ``Wan22StepDistillScheduler.step_post``: ``x0 + sigma' * v``
+  is ``x + (sigma' - sigma) * v``).
 """
 from __future__ import annotations
 
@@ -15,7 +30,10 @@ from typing import Callable, Protocol
 
 import torch
 
-SOLVERS = ("unipc", "euler", "heun")
+SOLVERS = ("unipc", "euler", "heun", "lcm", "euler_distill")
+# The noise levels each solver runs on: Wan's schedule, or the distillation levels (module docstring).
+SCHEDULES = {"unipc": "wan", "euler": "wan", "heun": "wan", "lcm": "distill", "euler_distill": "distill"}
+FEW_STEP_SOLVERS = tuple(name for name in SOLVERS if SCHEDULES[name] == "distill")
 NUM_TRAIN_TIMESTEPS = 1000
 FIRST_LEVEL_EPS = 1e-6
 
@@ -87,6 +105,8 @@ class SolverSettings:
         """``steps + 1`` descending noise levels ending at 0 (fp64). With ``denoise < 1`` the schedule is
         that of ``round(steps / denoise)`` steps with only its last ``steps`` run (as ComfyUI does)."""
         total = max(self.steps, int(round(self.steps / self.denoise)))
+        if SCHEDULES[self.scheduler] == "distill":
+            return distill_sigmas(total, self.shift)[-(self.steps + 1):]
         # Wan's schedule (as diffusers runs it): levels evenly spaced from 1 to 1/1000 before the shift, the
         # first one kept just below 1 so the log-SNR stays finite, then a final step to 0.
         base = torch.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, total + 1, dtype=torch.float64)[:-1]
@@ -96,6 +116,14 @@ class SolverSettings:
         return sigmas[-(self.steps + 1):]
 
 
+def distill_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """The distillation levels (fp64, ``steps + 1``, from exactly 1 down to 0): timesteps
+    ``1000 - floor(i * 1000 / steps)`` for i < steps, as fractions of 1000, shifted; then 0."""
+    timesteps = [NUM_TRAIN_TIMESTEPS - (i * NUM_TRAIN_TIMESTEPS) // steps for i in range(steps)]
+    base = torch.tensor(timesteps, dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
+    return torch.cat([shift_sigmas(base, shift), base.new_zeros(1)])
+
+
 def sampling_sigmas(steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
     """The noise levels of ``SolverSettings(steps=steps, shift=shift, denoise=denoise)``."""
     return SolverSettings(steps=steps, shift=shift, denoise=denoise).sigmas()
@@ -103,8 +131,20 @@ def sampling_sigmas(steps: int, shift: float, denoise: float = 1.0) -> torch.Ten
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Gaussian noise drawn on the CPU from ``seed`` (fp32), so a seed gives the same video on every device."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+    return NoiseStream(shape, seed)()
+
+
+class NoiseStream:
+    """Gaussian noise of one shape drawn on the CPU from ``seed`` (fp32), one tensor per call: the first is
+    ``initial_noise(shape, seed)``, the next ones the fresh noise of a re-noising solver ("lcm"), so a seed gives
+    the same video on every device."""
+
+    def __init__(self, shape: tuple[int, ...], seed: int):
+        self.shape = tuple(shape)
+        self._generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __call__(self) -> torch.Tensor:
+        return torch.randn(self.shape, generator=self._generator, dtype=torch.float32)
 
 
 def guided_velocity(
@@ -147,18 +187,24 @@ def sample(
     callback: StepCallback | None = None,
     guide: Guide | None = None,
     step_start: StepStart | None = None,
+    renoise: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` starting at ``(1-s0)*x0_start + s0*noise``.
     All tensors ``[B,C,F,H,W]`` fp32 on one device; returns the final sample (fp32). ``guide`` holds
     parts of the sample (known frames) at every model evaluation and at the end; ``step_start(i)`` is
-    called before step i's model evaluations."""
+    called before step i's model evaluations; ``renoise()`` gives the fresh noise (like ``noise``, on its
+    device) of each re-noising step of "lcm" (e.g. the seed's ``NoiseStream`` after ``noise``)."""
     _check_scheduler(solver)
+    if solver == "lcm" and renoise is None:
+        raise ValueError("solver 'lcm' re-noises every step: pass renoise (the seed's NoiseStream)")
     sigma_start = float(sigmas[0])
     x = (1.0 - sigma_start) * x0_start + sigma_start * noise  # [B,C,F,H,W]
     evaluate = _evaluator(velocity_fn, guide)
     step_start = step_start or (lambda i: None)
     if solver == "unipc":
         x = _sample_unipc(evaluate, x, sigmas, callback, step_start)
+    elif solver == "lcm":
+        x = _sample_lcm(evaluate, x, sigmas, callback, step_start, renoise)
     else:
         x = _sample_euler_heun(evaluate, x, sigmas, solver == "heun", callback, step_start)
     return x if guide is None else guide.final(x)
@@ -180,6 +226,25 @@ def _sample_euler_heun(
             v = 0.5 * (v + evaluate(x_euler, t_next, sigma_next)[1])
         x0_estimate = x - sigma * v
         x = x + (sigma_next - sigma) * v
+        if callback is not None:
+            callback(i + 1, total, x0_estimate)
+    return x
+
+
+def _sample_lcm(
+    evaluate: _Evaluate, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None, step_start: StepStart,
+    renoise: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """x0 estimate at each level, re-noised with fresh noise to the next (the last step ends at the estimate)."""
+    batch = x.shape[0]
+    total = len(sigmas) - 1
+    for i in range(total):
+        step_start(i)
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        t = torch.full((batch,), sigma * NUM_TRAIN_TIMESTEPS, dtype=torch.float32, device=x.device)
+        x, v = evaluate(x, t, sigma)  # [B,C,F,H,W]
+        x0_estimate = x - sigma * v
+        x = x0_estimate if sigma_next == 0 else (1.0 - sigma_next) * x0_estimate + sigma_next * renoise()
         if callback is not None:
             callback(i + 1, total, x0_estimate)
     return x

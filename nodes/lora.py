@@ -1,6 +1,7 @@
 """Spacetime Load LoRA: a model in, the same model with one more LoRA out (chainable; LoRAs stack)."""
 from __future__ import annotations
 
+from ..model_defs.builtin import BUILTIN_LORAS, builtin_lora_path
 from ..model_defs.lora import LORA_MODES, read_lora
 from . import comfy_glue
 from .widgets import validate_inputs
@@ -24,8 +25,9 @@ class SpacetimeLoadLoRA:
             "required": {
                 "model": ("SPACETIME_MODEL",),
                 "lora_name": (
-                    comfy_glue.list_model_files("loras") or [NO_LORA_FILES],
-                    {"tooltip": "A LoRA .safetensors file from models/loras, made for this model's family and size."},
+                    [*BUILTIN_LORAS, *(comfy_glue.list_model_files("loras") or [NO_LORA_FILES])],
+                    {"tooltip": "A LoRA .safetensors file from models/loras, made for this model's family and size, or the "
+                                "built-in tiny model's few-step LoRA (4 steps, cfg 1, euler_distill)."},
                 ),
                 "strength": ("FLOAT", {
                     "default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
@@ -44,5 +46,8 @@ class SpacetimeLoadLoRA:
         return validate_inputs(cls, values)
 
     def load(self, model, lora_name: str, strength: float = 1.0, mode: str = "unmerged"):
-        path = comfy_glue.model_file_path("loras", lora_name, "lora_name")
+        if lora_name in BUILTIN_LORAS:
+            path = builtin_lora_path(lora_name)
+        else:
+            path = comfy_glue.model_file_path("loras", lora_name, "lora_name")
         return (model.with_lora(read_lora(path), strength, mode),)

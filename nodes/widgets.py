@@ -19,7 +19,12 @@ SOLVER_WIDGETS = {
     "steps": ("INT", {"default": 20, "min": 1, "max": 1000}),
     "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
     "shift": ("FLOAT", {"default": 5.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "Timestep shift (Wan: 5 for 720p, 3 for 480p)."}),
-    "scheduler": (list(SOLVERS), {"default": SOLVERS[0]}),
+    "scheduler": (list(SOLVERS), {
+        "default": SOLVERS[0],
+        "tooltip": "unipc/euler/heun: Wan's schedule (20+ steps with cfg). Few-step LoRAs at cfg 1: lcm (estimate, then re-noise "
+                   "from the seed; lightx2v Wan 2.1, CausVid) or euler_distill (plain Euler; the built-in few-step LoRA), both on "
+                   "the distillation levels t = 1000 (1 - i/steps), shifted (lightx2v's [1000, 750, 500, 250] at 4 steps).",
+    }),
 }
 SWITCH_STEP = ("INT", {
     "default": -1, "min": -1, "max": 1000,

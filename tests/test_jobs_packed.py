@@ -158,7 +158,7 @@ def model():
     return _model()
 
 
-@pytest.mark.parametrize("scheduler, cfg", [("euler", 4.0), ("unipc", 4.0), ("unipc", 1.0)])
+@pytest.mark.parametrize("scheduler, cfg", [("euler", 4.0), ("unipc", 4.0), ("unipc", 1.0), ("lcm", 1.0), ("euler_distill", 1.0)])
 def test_packed_sampling_equals_generate_alone(model, scheduler, cfg):
     items = _items()
     packed = generate_packed(model, items, SolverSettings(3, cfg, 3.0, scheduler), CPU, max_tokens=10_000)

@@ -52,7 +52,7 @@ def test_steps_below_one(sampler_inputs):
 
 
 def test_unknown_scheduler(sampler_inputs):
-    with pytest.raises(ValueError, match=r"scheduler='ddim' is not allowed; allowed values: \['unipc', 'euler', 'heun'\]"):
+    with pytest.raises(ValueError, match=r"scheduler='ddim' is not allowed; allowed values: \['unipc', 'euler', 'heun', 'lcm', 'euler_distill'\]"):
         SpacetimeSampler().sample(**{**sampler_inputs, "scheduler": "ddim"})
 
 
@@ -123,7 +123,7 @@ NAN, INF = float("nan"), float("inf")
     ("SpacetimeTextEncode", dict(text="a red circle \ud800"), r"text: not valid text: '\\ud800' at index 13 is half of a surrogate pair"),
     ("SpacetimeSampler", dict(seed=0, steps=4, cfg=NAN, shift=3.0, scheduler="euler", denoise=1.0), r"cfg: nan is not a finite number; allowed: 0.0 to 100.0"),
     ("SpacetimeSampler", dict(seed=0, steps=4, cfg=5.0, shift=INF, scheduler="euler", denoise=1.0), r"shift: inf is not a finite number; allowed: 0.01 to 100.0"),
-    ("SpacetimeSampler", dict(seed=0, steps=4, cfg=5.0, shift=3.0, scheduler="ddim", denoise=1.0), r"scheduler: value 'ddim' is not allowed; allowed values: \['unipc', 'euler', 'heun'\]"),
+    ("SpacetimeSampler", dict(seed=0, steps=4, cfg=5.0, shift=3.0, scheduler="ddim", denoise=1.0), r"scheduler: value 'ddim' is not allowed; allowed values: \['unipc', 'euler', 'heun', 'lcm', 'euler_distill'\]"),
     ("SpacetimeEmptyLatentVideo", dict(width=72, height=64, frames=17, batch_size=1), r"width=72 is not allowed: it must be a multiple of 16 .*nearest allowed values: \[64, 80\]"),
     ("SpacetimeEmptyLatentVideo", dict(width=64, height=64, frames=16, batch_size=1), r"frames=16 is not allowed: it must be 1 \+ 4\*k"),
     ("SpacetimeImageToVideo", dict(width=64, height=64, frames=17, frame_index=17, strength=1.0), r"frame_index=17 is outside the video"),

@@ -54,7 +54,7 @@ def test_type_mismatch_names_node_title_and_input(tmp_path):
 def test_bad_combo_value_lists_allowed(tmp_path):
     data = copy.deepcopy(T2V)
     _node(data, 7)["widgets_values"][5] = "dpmpp_9m"
-    with pytest.raises(WorkflowError, match=r"input 'scheduler': value 'dpmpp_9m' is not allowed; allowed values: \['unipc', 'euler', 'heun'\]"):
+    with pytest.raises(WorkflowError, match=r"input 'scheduler': value 'dpmpp_9m' is not allowed; allowed values: \['unipc', 'euler', 'heun', 'lcm', 'euler_distill'\]"):
         run_workflow(_write(tmp_path, data), tmp_path)
 
 
