@@ -14,6 +14,7 @@ import torch
 from .experts import ExpertSwitch
 from .previews import LatentRGB
 from .sizes import SPATIAL_PATCH, SizeRules, patch_grid
+from .step_cache import StepCacheSettings
 from .text_encoders import EncodedText
 from .wan_dit import WanDiT
 from .wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig
@@ -65,6 +66,7 @@ class SpacetimeModel:
     low_noise: "SpacetimeModel | None" = None
     switch: ExpertSwitch | None = None
     loras: "tuple[AppliedLora, ...]" = ()
+    step_cache: StepCacheSettings | None = None  # ``with_step_cache``: how the sampler caches this DiT's steps
 
     @property
     def holds_known_frames_clean(self) -> bool:
@@ -93,7 +95,7 @@ class SpacetimeModel:
                 f"high_noise_model={self.name!r} and low_noise_model={low_noise.name!r} look swapped; connect the "
                 "high_noise file to high_noise_model"
             )
-        return SpacetimeModel(self.dit, self.latent_format, self.name, self.preset, low_noise, switch, self.loras)
+        return dataclasses.replace(self, low_noise=low_noise, switch=switch)
 
     def with_lora(self, lora: "LoraFile", strength: float = 1.0, mode: str = "unmerged") -> "SpacetimeModel":
         """This model with ``lora`` added to its LoRAs (they stack), bound to the DiT's layers now so a LoRA that
@@ -107,6 +109,13 @@ class SpacetimeModel:
             )
         applied = AppliedLora(bind_lora(lora, self.dit, self.name), strength, mode)
         return dataclasses.replace(self, loras=self.loras + (applied,))
+
+    def with_step_cache(self, settings: StepCacheSettings) -> "SpacetimeModel":
+        """This model with its steps cached by ``settings`` (``step_cache``), replacing any earlier cache setting;
+        an expert pair caches each expert (each with its own state and its own coefficients). ``auto`` coefficients
+        are resolved here, so a model without any fails now, in one line."""
+        low_noise = None if self.low_noise is None else self.low_noise.with_step_cache(settings)
+        return dataclasses.replace(self, low_noise=low_noise, step_cache=settings.resolve(self.preset, self.name))
 
     @property
     def config(self):

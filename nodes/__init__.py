@@ -5,6 +5,7 @@ from .lora import SpacetimeLoadLoRA
 from .loaders import SpacetimeCLIPVisionLoader, SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
 from .packed import SpacetimePackedSampler
 from .sampling import SpacetimeEmptyLatentVideo, SpacetimeExpertPair, SpacetimeSampler, SpacetimeTextEncode
+from .step_cache import SpacetimeStepCache
 from .vae import SpacetimeVAEDecode, SpacetimeVAEEncode
 from .video_prompts import SpacetimeConnectVideos, SpacetimeExtendVideo, SpacetimeImageToVideo, SpacetimeJoinVideo
 
@@ -27,6 +28,7 @@ NODE_CLASS_MAPPINGS = {
     "SpacetimeJoinVideo": SpacetimeJoinVideo,
     "SpacetimeLongVideo": SpacetimeLongVideo,
     "SpacetimeExpertPair": SpacetimeExpertPair,
+    "SpacetimeStepCache": SpacetimeStepCache,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -48,4 +50,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SpacetimeJoinVideo": "Spacetime Join Video",
     "SpacetimeLongVideo": "Spacetime Long Video",
     "SpacetimeExpertPair": "Spacetime Pair Experts (Wan 2.2 A14B)",
+    "SpacetimeStepCache": "Spacetime Step Cache",
 }
