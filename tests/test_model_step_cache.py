@@ -214,3 +214,22 @@ def test_auto_coefficients_follow_the_preset_and_a_model_without_any_gets_one_li
     assert "\n" not in str(error.value)
     assert _model(preset="wan2.2-ti2v-5b").with_step_cache(StepCacheSettings("fbcache", 0.1)).step_cache.method == "fbcache"
     assert polynomial((2.0, -1.0, 0.5), 3.0) == 2.0 * 9 - 3.0 + 0.5  # highest power first, as numpy.poly1d
+
+
+def test_long_video_caches_each_chunk_as_its_own_run(tiny_model, tiny_vae, caplog):
+    """Each chunk is a sampling run: its own empty cache and its own summary line (the built-in model's set)."""
+    from comfyui_spacetime.jobs.long_video import generate_long_video, plan_long_video
+
+    model = tiny_model.with_step_cache(StepCacheSettings("teacache", 0.3, start=0.1))
+    assert model.step_cache.coefficients == "builtin-tiny"
+    plan = plan_long_video(tiny_vae.video_rules, 32, 32, 9, 5, 1)
+    settings = SolverSettings(steps=8, cfg=3.0, shift=5.0)
+    emb = torch.randn(1, 4, model.config.text_dim, generator=torch.Generator().manual_seed(0))
+    text = SpacetimeConditioning(EncodedText(emb, torch.ones(1, 4, dtype=torch.bool), ("p",), (False,)), "test")
+    args = (tiny_vae, text, text, plan, 0, settings, 1.0, CPU, CPU)
+    with caplog.at_level(logging.INFO), _Counts(model.dit) as counts:
+        video = generate_long_video(model, *args)
+    summaries = [r.getMessage() for r in caplog.records if "step cache" in r.getMessage()]
+    assert plan.chunks == 2 and len(summaries) == 2 and counts.total == 2 * settings.steps
+    assert 0 < counts.computed < counts.total and summaries[0] == summaries[1]  # same schedule: same skips per chunk
+    assert torch.equal(generate_long_video(model, *args), video) and model.dit.step_cache is None
