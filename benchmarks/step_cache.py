@@ -6,9 +6,10 @@ its wall time, and prompt adherence on ``builtin_quality``'s held-out prompts (s
 evaluations per video (counted by forward hooks: the head runs every evaluation, the last block only computed
 ones), eval_ratio (total / computed), sampling wall seconds (all prompts), colour/shape/motion adherence and
 adherence_drop (the largest drop of the three against threshold 0). A threshold is a number (``method``'s) or a
-``(method, threshold)`` pair.
+``(method, threshold)`` pair. ``cache_lever(prompts)`` -> ``(cache_eval_ratio, cache_adherence_drop)`` at the
+recommended setting ``CHOSEN`` (for ``benchmarks/speed_levers.py``).
 
-Usage: python benchmarks/step_cache.py [--prompts 48] [--method teacache] [--thresholds 0.05 0.1 0.2] [--start 0.2]
+Usage: python benchmarks/step_cache.py [--prompts 48] [--method teacache] [--thresholds 0.15 0.25 teacache:0.3 fbcache:0.1] [--start 0.1] [--end 0.95]
 (run under the CPU lock: ``flock /work/cpu.lock python benchmarks/step_cache.py``)
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ ATTRIBUTES = ("colour", "shape", "motion")
 
 
 def measure_cache(prompts: int, thresholds, log=print, method: str = "teacache", start: float | None = None,
-                  steps: int = 20, cfg: float = 5.0, shift: float = 5.0, seed: int = 0) -> list[dict]:
+                  end: float | None = None, steps: int = 20, cfg: float = 5.0, shift: float = 5.0, seed: int = 0) -> list[dict]:
     load_package()
     from comfyui_spacetime.model_defs.builtin import BUILTIN_MODEL, BUILTIN_TEXT_ENCODER, BUILTIN_VAE
     from comfyui_spacetime.model_defs.step_cache import StepCacheSettings
@@ -43,7 +44,8 @@ def measure_cache(prompts: int, thresholds, log=print, method: str = "teacache",
     defaults = StepCacheSettings()
     settings = [(method, 0.0)] + [t if isinstance(t, tuple) else (method, float(t)) for t in thresholds]
     variants = [
-        SpacetimeStepCache().apply(model, m, t, defaults.start if start is None else start, defaults.end)[0] for m, t in settings
+        SpacetimeStepCache().apply(model, m, t, defaults.start if start is None else start, defaults.end if end is None else end)[0]
+        for m, t in settings
     ]
     counts = {"total": 0, "computed": 0}
     hooks = [model.dit.head.register_forward_hook(lambda *a: counts.__setitem__("total", counts["total"] + 1)),
@@ -85,6 +87,17 @@ def measure_cache(prompts: int, thresholds, log=print, method: str = "teacache",
     return rows
 
 
+# The setting the README recommends for the built-in model, chosen from the table in BENCHMARKS.md.
+CHOSEN = {"method": "teacache", "threshold": 0.25, "start": 0.1, "end": 1.0}
+
+
+def cache_lever(prompts: int = 48, log=print) -> tuple[float, float]:
+    """``(cache_eval_ratio, cache_adherence_drop)`` at ``CHOSEN``: uncached over cached DiT evaluations, and the
+    largest adherence drop of colour/shape/motion, measured against the uncached run on the same prompts."""
+    rows = measure_cache(prompts, [(CHOSEN["method"], CHOSEN["threshold"])], log, CHOSEN["method"], CHOSEN["start"], CHOSEN["end"])
+    return rows[1]["eval_ratio"], rows[1]["adherence_drop"]
+
+
 def format_table(rows: list[dict]) -> str:
     lines = ["| method | threshold | DiT evaluations per video (computed / total) | eval ratio | sampling wall (s, all prompts) "
              "| speed-up | colour | shape | motion | adherence drop |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -101,10 +114,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Step caching on the built-in model: evaluations, wall time, adherence.")
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--method", default="teacache")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2])
-    parser.add_argument("--start", type=float, default=None)
+    parser.add_argument("--thresholds", nargs="+", default=["0.15", "0.25", "0.3"],
+                        help="numbers (--method's), or method:threshold, e.g. teacache:0.25 fbcache:0.1")
+    parser.add_argument("--start", type=float, default=None, help="default: the node's")
+    parser.add_argument("--end", type=float, default=None, help="default: the node's")
     args = parser.parse_args()
-    rows = measure_cache(args.prompts, args.thresholds, method=args.method, start=args.start)
+    thresholds = [(t.split(":")[0], float(t.split(":")[1])) if ":" in t else float(t) for t in args.thresholds]
+    rows = measure_cache(args.prompts, thresholds, method=args.method, start=args.start, end=args.end)
     print(format_table(rows))
 
 

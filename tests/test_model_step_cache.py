@@ -136,7 +136,7 @@ def test_an_expert_pair_caches_each_expert_from_an_empty_state():
         out = _generate(pair)
     # step 5 is the low-noise expert's first: computed, never its high-noise partner's residual
     assert high_counts.total == 5 and low_counts.total == 5
-    assert 2 <= high_counts.computed < 5 and 1 <= low_counts.computed < 5
+    assert 1 <= high_counts.computed < 5 and 1 <= low_counts.computed < 5
     base = _generate(pair_experts(high, low, switch_step=5))
     assert 0 < float((out - base).norm() / base.norm()) < 0.5
     # cached before pairing: only that expert caches
