@@ -5,7 +5,9 @@ computed, and records, at every DiT evaluation, the cheap input (the time modula
 and the residual of the block stack (output minus input), per batch row (the cond and uncond rows alike). For
 consecutive evaluations of a run it pairs x = relative L1 change of the cheap input with y = relative L1 change
 of the residual, and fits y ~ poly(x) of degree 4 by least squares (``numpy.polyfit``), as TeaCache fits its
-Wan coefficients. Prints the coefficients for both inputs and the fit's RMS error.
+Wan coefficients. Prints the coefficients for both inputs and the fit's RMS error, and MagCache's magnitude
+ratios: per step, the mean over tokens of |residual_i| / |residual_i-1| of the conditional row, averaged over
+the prompts.
 
 Usage: python benchmarks/step_cache_calibrate.py [--prompts 8] [--steps 20] [--cfg 5] [--shift 5] [--degree 4]
 (run under the CPU lock: ``flock /work/cpu.lock python benchmarks/step_cache_calibrate.py``)
@@ -33,7 +35,7 @@ class _Recorder:
         return x, blocks
 
     def after_blocks(self, x):
-        self.records.append((*self._cheap, (x - self._input).flatten(1).float()))
+        self.records.append((*self._cheap, (x - self._input).float()))
         return x
 
 
@@ -53,6 +55,7 @@ def calibrate(prompts: int, steps: int, cfg: float, shift: float, degree: int = 
     (encoder,) = SpacetimeTextEncoderLoader().load(BUILTIN_TEXT_ENCODER, "default")
     (negative,) = SpacetimeTextEncode().encode(encoder, "")
     pairs = {"time_modulation": ([], []), "time_embedding": ([], [])}
+    magnitudes = []  # per prompt: per step, the mean over tokens of |residual_i| / |residual_i-1| (conditional row)
     for i in range(prompts):
         spec = sample_spec(10_000 + i, held_out=True)
         (positive,) = SpacetimeTextEncode().encode(encoder, spec.caption)
@@ -63,7 +66,12 @@ def calibrate(prompts: int, steps: int, cfg: float, shift: float, degree: int = 
             SpacetimeSampler().sample(model, positive, negative, latent, i, steps, cfg, shift, "unipc", 1.0)
         finally:
             model.dit.step_cache = None
+        magnitudes.append([1.0] + [
+            float((new[0].norm(dim=-1) / old[0].norm(dim=-1)).mean())
+            for (_, _, old), (_, _, new) in zip(recorder.records, recorder.records[1:])
+        ])
         for (mod_old, emb_old, res_old), (mod_new, emb_new, res_new) in zip(recorder.records, recorder.records[1:]):
+            res_old, res_new = res_old.flatten(1), res_new.flatten(1)
             y = _row_changes(res_new, res_old)  # [rows]
             for name, new, old in (("time_modulation", mod_new, mod_old), ("time_embedding", emb_new, emb_old)):
                 x = _row_changes(new, old)
@@ -77,6 +85,7 @@ def calibrate(prompts: int, steps: int, cfg: float, shift: float, degree: int = 
         rms = float(np.sqrt(np.mean((np.polyval(coefficients, xs) - ys) ** 2)))
         result[name] = {"coefficients": [float(c) for c in coefficients], "rms": rms, "points": len(xs),
                         "x_range": (float(xs.min()), float(xs.max())), "y_mean": float(ys.mean())}
+    result["mag_ratios"] = [round(float(v), 5) for v in np.mean(magnitudes, axis=0)]
     return result
 
 
@@ -89,6 +98,7 @@ def main() -> None:
     parser.add_argument("--degree", type=int, default=4)
     args = parser.parse_args()
     result = calibrate(args.prompts, args.steps, args.cfg, args.shift, args.degree)
+    print(f"mag_ratios ({args.steps} steps): {tuple(result.pop('mag_ratios'))}")
     for name, fit in result.items():
         coefficients = ", ".join(f"{c:.8e}" for c in fit["coefficients"])
         print(f"{name}: ({coefficients})  rms={fit['rms']:.4f} over {fit['points']} pairs, "

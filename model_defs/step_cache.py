@@ -8,6 +8,11 @@ Methods (the decision is the only thing that differs; the reuse is the same resi
   rescaled by a polynomial fitted per model (``step_cache_coefficients``) into an estimate of the relative change
   of the blocks' output; estimates accumulate since the last computed evaluation, and the blocks are skipped
   while the sum stays below the threshold (then the sum restarts at 0 on the next computed one).
+- ``magcache`` — Ma et al. 2025, "MagCache: Fast Video Generation with Magnitude-Aware Cache" (Zehong-Ma/MagCache,
+  ``MagCache4Wan2.1/magcache_generate.py``): the per-step ratio of the residual's magnitude to the previous step's,
+  calibrated once per model, is nearly prompt-independent; while skipping, the product of the ratios since the last
+  computed step drifts from 1 and ``|1 - product|`` accumulates as the error; a step is skipped while the error
+  stays below the threshold and at most ``MAGCACHE_MAX_SKIPS`` steps in a row (MagCache's K).
 - ``fbcache`` — first-block cache (ParaAttention's "First Block Cache", chengzeyi/ParaAttention): the first block
   always runs; when the relative L1 change of its residual since the last fully computed evaluation is below the
   threshold, the other blocks are skipped and their cached residual is added. No coefficients: any model.
@@ -30,11 +35,17 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .step_cache_coefficients import COEFFICIENTS, coefficients_for_preset
+from .step_cache_coefficients import (
+    COEFFICIENTS, MAG_RATIOS, PRESET_COEFFICIENTS, PRESET_MAG_RATIOS, ratios_for_steps,
+)
+
+# the calibration sets each method takes: name -> data, and model preset -> name
+_SETS = {"teacache": (COEFFICIENTS, PRESET_COEFFICIENTS), "magcache": (MAG_RATIOS, PRESET_MAG_RATIOS)}
 
 log = logging.getLogger(__name__)
 
-CACHE_METHODS = ("teacache", "fbcache")
+CACHE_METHODS = ("teacache", "magcache", "fbcache")
+MAGCACHE_MAX_SKIPS = 2  # MagCache's default K for Wan (magcache_generate.py --magcache_K)
 AUTO_COEFFICIENTS = "auto"
 MAX_THRESHOLD = 1.0  # published settings go up to 0.3 (TeaCache, Wan 2.1 I2V 720p); beyond 1 nothing is computed
 
@@ -68,9 +79,11 @@ class StepCacheSettings:
         _fraction("end", self.end, low_open=True)
         if self.start >= self.end:
             raise ValueError(f"start={self.start} and end={self.end} are not allowed: start must be below end")
-        if self.coefficients != AUTO_COEFFICIENTS and self.coefficients not in COEFFICIENTS:
+        known = _SETS[self.method][0] if self.method in _SETS else {}
+        if self.coefficients != AUTO_COEFFICIENTS and self.method in _SETS and self.coefficients not in known:
             raise ValueError(
-                f"coefficients={self.coefficients!r} is not allowed; allowed values: {[AUTO_COEFFICIENTS, *COEFFICIENTS]}"
+                f"coefficients={self.coefficients!r} is not allowed for method {self.method!r}; allowed values: "
+                f"{[AUTO_COEFFICIENTS, *known]}"
             )
 
     @property
@@ -78,20 +91,21 @@ class StepCacheSettings:
         return self.threshold > 0.0
 
     def resolve(self, preset: str | None, model_name: str) -> "StepCacheSettings":
-        """These settings with ``auto`` coefficients replaced by the set for ``preset`` (teacache only);
-        ValueError naming the model when no published or fitted set exists for it."""
-        if self.method != "teacache" or self.coefficients != AUTO_COEFFICIENTS:
+        """These settings with ``auto`` coefficients replaced by the method's set for ``preset`` (teacache,
+        magcache); ValueError naming the model when no published or fitted set exists for it."""
+        if self.method not in _SETS or self.coefficients != AUTO_COEFFICIENTS:
             return self
-        name = coefficients_for_preset(preset)
+        known, by_preset = _SETS[self.method]
+        name = by_preset.get(preset) if preset else None
         if name is None:
             raise ValueError(
-                f"coefficients='auto': there are no TeaCache coefficients for model {model_name} ({preset or 'unknown kind'}); "
-                f"choose one of {list(COEFFICIENTS)} or method 'fbcache' (needs none)"
+                f"coefficients='auto': there are no {self.method} coefficients for model {model_name} "
+                f"({preset or 'unknown kind'}); choose one of {list(known)} or method 'fbcache' (needs none)"
             )
         return StepCacheSettings(self.method, self.threshold, self.start, self.end, name)
 
     def describe(self) -> str:
-        extra = f", {self.coefficients} coefficients" if self.method == "teacache" else ""
+        extra = f", {self.coefficients} coefficients" if self.method in _SETS else ""
         return f"{self.method} threshold {self.threshold:g}, steps {self.start:g}-{self.end:g} of the run{extra}"
 
 
@@ -132,6 +146,9 @@ class StepCacheRun:
         if settings.method == "teacache":
             coefficients = COEFFICIENTS[settings.coefficients]
             self._poly, self._estimate_from = coefficients.polynomial, coefficients.estimate
+        if settings.method == "magcache":
+            self._ratios = ratios_for_steps(MAG_RATIOS[settings.coefficients].ratios, steps)
+            self._magnitude, self._skipped = 1.0, 0  # since the last computed evaluation
 
     def at_step(self, index: int) -> None:
         """The solver is at step ``index`` (0-based) of ``steps``."""
@@ -155,6 +172,17 @@ class StepCacheRun:
                 self._skip = self._accumulated < self.settings.threshold
             if not self._skip:
                 self._accumulated = 0.0
+            self._blocks_input = x
+            return x, (() if self._skip else blocks)
+        if self.settings.method == "magcache":
+            self._skip = False
+            if self._may_skip(x):
+                self._magnitude *= self._ratios[min(self.step, len(self._ratios) - 1)]
+                self._skipped += 1
+                self._accumulated += abs(1.0 - self._magnitude)
+                self._skip = self._accumulated < self.settings.threshold and self._skipped <= MAGCACHE_MAX_SKIPS
+            if not self._skip:
+                self._accumulated, self._magnitude, self._skipped = 0.0, 1.0, 0
             self._blocks_input = x
             return x, (() if self._skip else blocks)
         first = blocks[0](x, *block_args)  # fbcache: block 0 always runs

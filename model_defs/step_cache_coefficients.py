@@ -1,5 +1,6 @@
-"""TeaCache rescaling polynomials (``step_cache``): which cheap input a set is fitted on, its coefficients
-(highest power first, as ``numpy.poly1d``), and where they come from; and which set a model preset takes.
+"""Calibration data of the step caches (``step_cache``), and which set a model preset takes: TeaCache rescaling
+polynomials (which cheap input a set is fitted on, its coefficients highest power first, as ``numpy.poly1d``) and
+MagCache magnitude ratios (per step, the mean over tokens of |residual_i| / |residual_i-1|).
 
 Published sets: ali-vilab/TeaCache, ``TeaCache4Wan2.1/teacache_generate.py`` (commit 7c10efc, 2025-06-08), the
 ``coefficients`` assigned in ``main`` for ``--use_ret_steps`` (fitted on the time modulation ``e0``; retention of
@@ -8,11 +9,17 @@ step kept). TeaCache publishes no set for Wan 2.1 FLF2V or Wan 2.2 (TI2V-5B, A14
 ``fbcache`` or an explicit set. A Wan 2.2 A14B expert has the shapes of Wan 2.1 T2V-14B, and a single file of it
 is detected as that preset, so ``auto`` gives it the 2.1 14B set (an approximation, not a published fit).
 
-The built-in model's set is fitted by the repo: ``python benchmarks/step_cache_calibrate.py`` (see there).
+MagCache ratios: Zehong-Ma/MagCache, ``MagCache4Wan2.1/magcache_generate.py`` (commit df81cb1, 2025-11-17),
+``mag_ratios`` for T2V 1.3B/14B (50 steps) and I2V 14B 480p/720p (40 steps): their arrays interleave the
+conditional and unconditional branch, which agree to the third decimal; we keep the conditional one (our branches
+are rows of one evaluation). Their Wan 2.2 ratios span both A14B experts in one array and are not taken.
+
+The built-in model's sets are fitted by the repo: ``python benchmarks/step_cache_calibrate.py`` (see there).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 ESTIMATE_INPUTS = ("time_modulation", "time_embedding")
 
@@ -63,6 +70,48 @@ PRESET_COEFFICIENTS: dict[str, str] = {
 }
 
 
-def coefficients_for_preset(preset: str | None) -> str | None:
-    """The COEFFICIENTS name ``auto`` gives a model of ``preset``, or None when none is published or fitted."""
-    return PRESET_COEFFICIENTS.get(preset) if preset else None
+
+@dataclass(frozen=True)
+class MagnitudeRatios:
+    ratios: tuple[float, ...]  # one per step of the calibrated run, step 0's 1.0 (it has no previous step)
+    source: str
+
+
+_MAGCACHE_WAN21 = "Zehong-Ma/MagCache MagCache4Wan2.1/magcache_generate.py"
+
+MAG_RATIOS: dict[str, MagnitudeRatios] = {
+    "wan2.1-t2v-1.3b": MagnitudeRatios((1.0, 1.0124, 1.00166, 0.99791, 0.99682, 0.99634, 0.99567, 0.99416, 0.99578, 0.9957, 0.99511,
+        0.99535, 0.99552, 0.99541, 0.9954, 0.99489, 0.99518, 0.99484, 0.99481, 0.99415, 0.99419, 0.99396, 0.99388, 0.99349, 0.99309,
+        0.9927, 0.99228, 0.99171, 0.99137, 0.99068, 0.99005, 0.98944, 0.98849, 0.98758, 0.98644, 0.98504, 0.9836, 0.98202, 0.97977,
+        0.97717, 0.9741, 0.97003, 0.96538, 0.9593, 0.95086, 0.94013, 0.92402, 0.90241, 0.86821, 0.81838), _MAGCACHE_WAN21),
+    "wan2.1-t2v-14b": MagnitudeRatios((1.0, 1.02504, 1.00025, 0.9985, 0.99779, 0.9966, 0.99482, 0.99467, 0.99664, 0.99434, 0.99533,
+        0.99468, 0.99438, 0.99516, 0.99384, 0.99404, 0.99517, 0.99409, 0.99428, 0.99347, 0.99418, 0.99271, 0.99313, 0.99215, 0.99218,
+        0.99216, 0.99163, 0.99138, 0.98982, 0.98996, 0.9887, 0.98772, 0.98767, 0.98573, 0.98501, 0.9838, 0.98177, 0.98037, 0.97678,
+        0.97546, 0.97184, 0.96711, 0.96349, 0.95629, 0.94926, 0.93964, 0.92511, 0.90693, 0.8796, 0.86111), _MAGCACHE_WAN21),
+    "wan2.1-i2v-14b-480p": MagnitudeRatios((1.0, 0.98783, 0.97559, 0.98311, 0.98202, 0.9888, 0.98762, 0.98957, 0.99052, 0.99383,
+        0.98857, 0.99065, 0.98845, 0.99057, 0.98957, 0.98601, 0.98823, 0.98756, 0.98808, 0.98721, 0.98571, 0.98543, 0.98157, 0.98411,
+        0.97952, 0.98149, 0.9774, 0.97825, 0.97355, 0.97085, 0.97056, 0.96588, 0.96113, 0.9567, 0.94961, 0.93973, 0.93217, 0.91878,
+        0.90955, 0.92617), _MAGCACHE_WAN21),
+    "wan2.1-i2v-14b-720p": MagnitudeRatios((1.0, 0.99428, 0.98588, 0.98273, 0.99018, 0.98911, 0.98646, 0.99454, 0.9891, 0.99124,
+        0.99102, 0.99215, 0.99515, 0.99576, 0.99068, 0.99097, 0.99166, 0.99041, 0.99201, 0.99101, 0.98599, 0.98845, 0.98848, 0.98862,
+        0.98718, 0.98497, 0.98264, 0.98389, 0.97938, 0.97535, 0.97498, 0.973, 0.96827, 0.96261, 0.95335, 0.94649, 0.93397, 0.91636,
+        0.89088, 0.8679), _MAGCACHE_WAN21),
+    # `python benchmarks/step_cache_calibrate.py --prompts 8`: 20 steps, cfg 5, shift 5, unipc
+    "builtin-tiny": MagnitudeRatios((1.0, 1.05112, 1.01596, 1.0051, 0.98961, 0.97741, 0.98121, 0.97813, 0.9724, 0.97429, 0.97351,
+        0.96179, 0.95953, 0.95382, 0.94697, 0.93011, 0.91774, 0.89942, 0.87637, 0.86605), "benchmarks/step_cache_calibrate.py"),
+}
+PRESET_MAG_RATIOS: dict[str, str] = {
+    "wan2.1-t2v-1.3b": "wan2.1-t2v-1.3b",
+    "wan2.1-t2v-14b": "wan2.1-t2v-14b",
+    "wan2.1-i2v-14b": "wan2.1-i2v-14b-480p",
+    "builtin-tiny": "builtin-tiny",
+}
+
+
+def ratios_for_steps(ratios: Sequence[float], steps: int) -> tuple[float, ...]:
+    """Calibrated per-step ratios mapped to a run of ``steps`` steps by nearest index, as MagCache does
+    (``nearest_interp``: the first and the last step map onto the first and the last)."""
+    if steps == 1:
+        return (ratios[-1],)
+    scale = (len(ratios) - 1) / (steps - 1)
+    return tuple(ratios[int(round(i * scale))] for i in range(steps))

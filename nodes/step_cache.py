@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..model_defs.step_cache import AUTO_COEFFICIENTS, CACHE_METHODS, MAX_THRESHOLD, StepCacheSettings
-from ..model_defs.step_cache_coefficients import COEFFICIENTS
+from ..model_defs.step_cache_coefficients import COEFFICIENTS, MAG_RATIOS
 from .widgets import literal_values, validate_inputs
 
 _DEFAULTS = StepCacheSettings()
@@ -16,7 +16,7 @@ def _settings_rule(values: dict) -> None:
 class SpacetimeStepCache:
     DESCRIPTION = (
         "Skips the DiT's blocks on sampling steps whose change is estimated to be small and reuses the last computed "
-        "residual instead (TeaCache, or first-block cache): fewer DiT evaluations for a small change in the video. "
+        "residual instead (TeaCache, MagCache or first-block cache): fewer DiT evaluations for a small change in the video. "
         "threshold 0 is off; larger skips more. Chain it after Load LoRA or Pair Experts; a later Step Cache replaces "
         "an earlier one. The sampler logs how many evaluations it computed and reused."
     )
@@ -33,7 +33,8 @@ class SpacetimeStepCache:
                 "method": (list(CACHE_METHODS), {
                     "default": _DEFAULTS.method,
                     "tooltip": "teacache: estimates the change from the timestep's modulation through a polynomial fitted "
-                               "per model (coefficients). fbcache: runs the first block and compares its residual; any model.",
+                               "per model. magcache: from the residual's per-step magnitude ratios calibrated per model. "
+                               "fbcache: runs the first block and compares its residual; any model.",
                 }),
                 "threshold": ("FLOAT", {
                     "default": 0.25, "min": 0.0, "max": MAX_THRESHOLD, "step": 0.01,
@@ -48,10 +49,10 @@ class SpacetimeStepCache:
                     "default": _DEFAULTS.end, "min": 0.01, "max": 1.0, "step": 0.01,
                     "tooltip": "Fraction of the steps after which every step is computed again (1: cache to the end).",
                 }),
-                "coefficients": ([AUTO_COEFFICIENTS, *COEFFICIENTS], {
+                "coefficients": ([AUTO_COEFFICIENTS, *COEFFICIENTS, *(name for name in MAG_RATIOS if name not in COEFFICIENTS)], {
                     "default": AUTO_COEFFICIENTS,
-                    "tooltip": "teacache's polynomial: auto picks the model's (Wan 2.1 published by TeaCache, the built-in "
-                               "model's fitted by this pack); fbcache ignores it.",
+                    "tooltip": "teacache's polynomial or magcache's magnitude ratios: auto picks the model's (Wan 2.1: published "
+                               "by TeaCache / MagCache; the built-in model: fitted by this pack); fbcache ignores it.",
                 }),
             }
         }

@@ -91,7 +91,8 @@ def test_packed_sampling_threshold_zero_is_bit_identical_and_a_threshold_skips()
     assert all(0 < (a - b).norm() / b.norm() < 0.5 for a, b in zip(skipped, base))
 
 
-@pytest.mark.parametrize("settings", [SKIPPING, StepCacheSettings("fbcache", 0.2, start=0.1)])
+@pytest.mark.parametrize("settings", [SKIPPING, StepCacheSettings("fbcache", 0.2, start=0.1),
+                                      StepCacheSettings("magcache", 0.2, coefficients="wan2.1-t2v-1.3b")])
 def test_a_positive_threshold_skips_evaluations_and_changes_the_result_a_bounded_amount(settings, caplog):
     model = _model()
     base = _generate(model)
@@ -100,7 +101,7 @@ def test_a_positive_threshold_skips_evaluations_and_changes_the_result_a_bounded
     assert counts.total == SETTINGS.steps and 0 < counts.computed < counts.total
     first_cacheable = math.ceil(settings.start * SETTINGS.steps)
     assert counts.computed >= first_cacheable  # the steps before start are computed
-    # measured: 0.26 (teacache, 8 of 10 reused), 0.008 (fbcache, 1 reused); bounded well below the output's size
+    # measured: 0.28 (teacache, 9 of 10 reused), 0.011 (fbcache, 2 reused), 0.087 (magcache, 6 reused): well below 1
     change = float((out - base).norm() / base.norm())
     assert 0 < change < 0.5
     summary = [r.getMessage() for r in caplog.records if "step cache" in r.getMessage()]
@@ -180,10 +181,11 @@ def test_per_frame_timesteps_are_cached_per_row():
     ({"threshold": -0.1}, r"threshold=-0.1 is not allowed: it must be a finite number from 0 \(off\) to 1.0"),
     ({"threshold": float("nan")}, r"threshold=nan is not allowed"),
     ({"threshold": 1.5}, r"threshold=1.5 is not allowed"),
-    ({"method": "magic"}, r"method='magic' is not allowed; allowed values: \['teacache', 'fbcache'\]"),
+    ({"method": "magic"}, r"method='magic' is not allowed; allowed values: \['teacache', 'magcache', 'fbcache'\]"),
     ({"start": 0.5, "end": 0.5}, r"start=0.5 and end=0.5 are not allowed: start must be below end"),
     ({"end": 0.0}, r"end=0.0 is not allowed: it must be a finite number in \(0, 1\]"),
-    ({"coefficients": "wan9"}, r"coefficients='wan9' is not allowed; allowed values: \['auto', 'wan2.1-t2v-1.3b'"),
+    ({"coefficients": "wan9"}, r"coefficients='wan9' is not allowed for method 'teacache'; allowed values: \['auto', 'wan2.1-t2v-1.3b'"),
+    ({"method": "magcache", "coefficients": "wan2.1-t2v-1.3b-embedding"}, r"not allowed for method 'magcache'; allowed values: \['auto', 'wan2.1-t2v-1.3b', 'wan2.1-t2v-14b', 'wan2.1-i2v-14b-480p'"),
 ])
 def test_bad_settings_get_one_line_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as error:
@@ -204,12 +206,33 @@ def test_node_validates_its_inputs_in_one_line_and_applies_the_cache():
     assert model.step_cache == StepCacheSettings("teacache", 0.1, 0.2, 1.0, "builtin-tiny")
 
 
+def test_magcache_skips_at_most_k_in_a_row_by_the_interpolated_ratios():
+    from comfyui_spacetime.model_defs.step_cache import MAGCACHE_MAX_SKIPS, StepCacheRun
+    from comfyui_spacetime.model_defs.step_cache_coefficients import MAG_RATIOS, ratios_for_steps
+
+    ratios = MAG_RATIOS["wan2.1-t2v-1.3b"].ratios  # 50 calibrated steps
+    assert ratios_for_steps(ratios, 50) == ratios and ratios_for_steps(ratios, 1) == (ratios[-1],)
+    assert ratios_for_steps(ratios, 4) == (ratios[0], ratios[16], ratios[33], ratios[49])  # MagCache's nearest_interp
+    run = StepCacheRun(StepCacheSettings("magcache", 1.0, start=0.0, coefficients="wan2.1-t2v-1.3b"), 12)
+    pattern = []
+    for step in range(12):
+        run.at_step(step)
+        x = torch.ones(1, 2, 3)
+        _, left = run.before_blocks(x, None, None, ["block"], ())
+        pattern.append(bool(left))
+        run.after_blocks(x)
+    # a generous threshold: only K limits the skips; step 0 has nothing to reuse
+    assert pattern == [True] + [False] * MAGCACHE_MAX_SKIPS + [True] + [False] * MAGCACHE_MAX_SKIPS + [True] + [False] * 2 + [True] + [False] * 2
+
+
 def test_auto_coefficients_follow_the_preset_and_a_model_without_any_gets_one_line():
     for preset, name in [("wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b"), ("wan2.1-t2v-14b", "wan2.1-t2v-14b"),
                          ("wan2.1-i2v-14b", "wan2.1-i2v-14b-480p"), ("builtin-tiny", "builtin-tiny")]:
         assert preset in DIT_PRESETS and PRESET_COEFFICIENTS[preset] in COEFFICIENTS
         assert StepCacheSettings("teacache", 0.1).resolve(preset, "m").coefficients == name
-    with pytest.raises(ValueError, match=r"no TeaCache coefficients for model ti2v.safetensors \(wan2.2-ti2v-5b\); choose") as error:
+    assert StepCacheSettings("magcache", 0.1).resolve("wan2.1-i2v-14b", "m").coefficients == "wan2.1-i2v-14b-480p"
+    assert StepCacheSettings("magcache", 0.1).resolve("builtin-tiny", "m").coefficients == "builtin-tiny"
+    with pytest.raises(ValueError, match=r"no teacache coefficients for model ti2v.safetensors \(wan2.2-ti2v-5b\); choose") as error:
         _model(name="ti2v.safetensors", preset="wan2.2-ti2v-5b").with_step_cache(StepCacheSettings("teacache", 0.1))
     assert "\n" not in str(error.value)
     assert _model(preset="wan2.2-ti2v-5b").with_step_cache(StepCacheSettings("fbcache", 0.1)).step_cache.method == "fbcache"
