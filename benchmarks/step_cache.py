@@ -90,7 +90,8 @@ def measure_cache(prompts: int, thresholds, log=print, method: str = "teacache",
     return rows
 
 
-# The setting the README recommends for the built-in model, chosen from the table in BENCHMARKS.md.
+# The setting the README recommends for the built-in model, chosen from the tables in BENCHMARKS.md (48 prompts:
+# 9 of 20 evaluations, eval ratio 2.22, adherence drop 0.021).
 CHOSEN = {"method": "teacache", "threshold": 0.25, "start": 0.1, "end": 1.0}
 
 
