@@ -14,6 +14,7 @@ from ..model_defs.experts import ExpertSwitch, default_boundary
 from ..model_defs.known_frames import KnownLatents
 from ..model_defs.lora import applied
 from ..model_defs.previews import PREVIEW_MODES, preview_image
+from ..model_defs.step_cache import StepCacheRun, cached
 from ..model_defs.wan_dit import WanDiT
 
 log = logging.getLogger(__name__)
@@ -148,24 +149,25 @@ def stepwise_velocity(
     ``step_start`` that picks the DiT of each step: the model's one DiT, or an expert pair's high-noise expert
     until its switch step and the low-noise one after (at its own cfg when set). ``velocity_of(dit, cfg)`` makes
     one DiT's velocity; ``use`` places a DiT before its first step (a streamed DiT: its resident part), and then
-    that DiT's LoRAs are applied to it (``lora.applied``) and its blocks streamed (``weight_streaming``) until the
-    other expert takes over or the block ends, also when it raises: outside the block every DiT holds its own
-    weights."""
-    stages = [(model.dit, settings.cfg, model.loras, model.streamer)]
-    first_low = len(sigmas) - 1
+    that DiT's LoRAs are applied to it (``lora.applied``), its blocks streamed (``weight_streaming``) and its step
+    cache set up (``step_cache.cached``, empty at the start of every run and expert) until the other expert takes over
+    or the block ends, also when it raises: outside the block every DiT holds its own weights and caches nothing."""
+    stages = [(model.dit, settings.cfg, model.loras, model.streamer, model.step_cache)]
+    steps = len(sigmas) - 1
+    first_low = steps
     if model.low_noise is not None:
         low_cfg = settings.cfg if model.switch.cfg_low_noise is None else model.switch.cfg_low_noise
-        stages.append((model.low_noise.dit, low_cfg, model.low_noise.loras, model.low_noise.streamer))
+        stages.append((model.low_noise.dit, low_cfg, model.low_noise.loras, model.low_noise.streamer, model.low_noise.step_cache))
         first_low = model.switch.first_low_noise_step(sigmas)
         log.info("Spacetime: %s", model.switch.describe(sigmas))
-    current: list[tuple[WanDiT, VelocityFn]] = []
+    current: list[tuple[WanDiT, VelocityFn, StepCacheRun | None]] = []
 
     with contextlib.ExitStack() as lora_stack:
 
         def step_start(index: int) -> None:
-            dit, cfg, loras, streamer = stages[1] if index >= first_low else stages[0]
+            dit, cfg, loras, streamer, cache = stages[1] if index >= first_low else stages[0]
             if not current or current[0][0] is not dit:
-                lora_stack.close()  # the previous DiT gets its own weights back before it is released
+                lora_stack.close()  # the previous DiT gets its own weights back (and drops its step cache) before it is released
                 current.clear()
                 if use is not None:
                     with torch.inference_mode(False):  # weights moved here stay normal tensors (ComfyUI patches them later)
@@ -173,7 +175,10 @@ def stepwise_velocity(
                 lora_stack.enter_context(applied(dit, loras))
                 if streamer is not None:  # after the LoRAs: a streamed block moves with what they put in it
                     lora_stack.enter_context(streamer.streaming())
-                current[:] = [(dit, velocity_of(dit, cfg))]
+                run = lora_stack.enter_context(cached(dit, cache, steps))  # a fresh cache per run and per expert
+                current[:] = [(dit, velocity_of(dit, cfg), run)]
+            if current[0][2] is not None:
+                current[0][2].at_step(index)
 
         def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             return current[0][1](x, timesteps)

@@ -14,6 +14,7 @@ import torch
 from .experts import ExpertSwitch
 from .previews import LatentRGB
 from .sizes import SPATIAL_PATCH, SizeRules, patch_grid
+from .step_cache import StepCacheSettings
 from .text_encoders import EncodedText
 from .wan_dit import WanDiT
 from .wan_vae import VAE_PRESETS, WanVAE, WanVAEConfig
@@ -68,6 +69,7 @@ class SpacetimeModel:
     switch: ExpertSwitch | None = None
     loras: "tuple[AppliedLora, ...]" = ()
     streamer: "BlockStreamer | None" = None
+    step_cache: StepCacheSettings | None = None  # ``with_step_cache``: how the sampler caches this DiT's steps
 
     @property
     def holds_known_frames_clean(self) -> bool:
@@ -110,6 +112,13 @@ class SpacetimeModel:
             )
         applied = AppliedLora(bind_lora(lora, self.dit, self.name), strength, mode)
         return dataclasses.replace(self, loras=self.loras + (applied,))
+
+    def with_step_cache(self, settings: StepCacheSettings) -> "SpacetimeModel":
+        """This model with its steps cached by ``settings`` (``step_cache``), replacing any earlier cache setting;
+        an expert pair caches each expert (each with its own state and its own coefficients). ``auto`` coefficients
+        are resolved here, so a model without any fails now, in one line."""
+        low_noise = None if self.low_noise is None else self.low_noise.with_step_cache(settings)
+        return dataclasses.replace(self, low_noise=low_noise, step_cache=settings.resolve(self.preset, self.name))
 
     @property
     def config(self):

@@ -203,6 +203,7 @@ class WanDiT(nn.Module):
         self.img_emb = ImageEmbedding(config.image_dim, dim, config.model_type == "flf2v") if config.clip_branch else None
         self.blocks = nn.ModuleList(WanBlock(config, backend) for _ in range(config.num_layers))
         self.head = WanHead(config, backend)
+        self.step_cache = None  # a step_cache.StepCacheRun while a sampling run caches steps (step_cache.cached)
 
     def init_weights(self, generator: torch.Generator | None = None, zero_head: bool = True) -> None:
         """Wan's initialisation (Xavier for linears, zero biases, zero output head), seeded. ``zero_head=False``
@@ -302,8 +303,13 @@ class WanDiT(nn.Module):
         ctx = self.text_embedding(context.to(dtype))  # [B,L,C] or [1,Tk,C]
         if image_context is not None:
             ctx = torch.cat([self.img_emb(image_context.to(dtype)), ctx], dim=1)  # [B,Li+L,C]
-        for block in self.blocks:
+        blocks, cache = self.blocks, self.step_cache
+        if cache is not None:  # step caching (step_cache.py): may run block 0 itself, or leave no block to run
+            x, blocks = cache.before_blocks(x, time_emb, time_mod, self.blocks, (time_mod, ctx, layout))
+        for block in blocks:
             x = block(x, time_mod, ctx, layout)  # like x
+        if cache is not None:
+            x = cache.after_blocks(x)  # a skipped step: the cached residual added
         return self.head(x, time_emb, layout)  # [.., pt*ph*pw*Cout]
 
 

@@ -7,6 +7,7 @@ from .packed import SpacetimePackedSampler
 from .prompt import SpacetimeExtendPrompt
 from .provenance import SpacetimeSaveVideo, SpacetimeVerify
 from .sampling import SpacetimeEmptyLatentVideo, SpacetimeExpertPair, SpacetimeSampler, SpacetimeTextEncode
+from .step_cache import SpacetimeStepCache
 from .vae import SpacetimeVAEDecode, SpacetimeVAEEncode
 from .video_prompts import SpacetimeConnectVideos, SpacetimeExtendVideo, SpacetimeImageToVideo, SpacetimeJoinVideo
 
@@ -33,6 +34,7 @@ NODE_CLASS_MAPPINGS = {
     "SpacetimeSaveVideo": SpacetimeSaveVideo,
     "SpacetimeVerify": SpacetimeVerify,
     "SpacetimeExtendPrompt": SpacetimeExtendPrompt,
+    "SpacetimeStepCache": SpacetimeStepCache,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -58,4 +60,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SpacetimeSaveVideo": "Spacetime Save Video",
     "SpacetimeVerify": "Spacetime Verify",
     "SpacetimeExtendPrompt": "Spacetime Extend Prompt",
+    "SpacetimeStepCache": "Spacetime Step Cache",
 }
