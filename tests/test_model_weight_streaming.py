@@ -261,3 +261,23 @@ def test_pinned_blocks_are_packed_into_few_buffers(monkeypatch, chunk):
     assert streamer.arena.allocated == sum(b.numel() for b in buffers) <= 1.1 * total < one_each
     with torch.no_grad(), streamer.streaming():
         assert torch.equal(model.dit(*_inputs()), expected)
+
+
+@pytest.mark.parametrize("method", ["teacache", "fbcache"])
+def test_a_step_cache_on_a_streamed_dit_skips_the_same_steps_and_gives_the_same_result(method):
+    """Skipped steps run no block (no streaming hook fires); the next computed step must still find its blocks."""
+    from comfyui_spacetime.model_defs.step_cache import StepCacheSettings
+
+    settings = SolverSettings(steps=8, cfg=3.0, shift=3.0, scheduler="euler")
+    cache = StepCacheSettings(method, 0.3 if method == "teacache" else 0.2, coefficients="wan2.1-t2v-1.3b")
+    cached = _model().with_step_cache(cache)
+    computed = []
+    handle = cached.dit.blocks[-1].register_forward_hook(lambda *a: computed.append(1))
+    try:
+        expected = generate(cached, _conditioning(0), _conditioning(1), LATENT, 0, settings, CPU)
+        plain_count, computed[:] = len(computed), []
+        streamed = _streamed(cached, 2)
+        assert torch.equal(generate(streamed, _conditioning(0), _conditioning(1), LATENT, 0, settings, CPU), expected)
+    finally:
+        handle.remove()
+    assert len(computed) == plain_count < settings.steps  # the cache skipped steps, the same ones
