@@ -242,6 +242,7 @@ def test_auto_coefficients_follow_the_preset_and_a_model_without_any_gets_one_li
 def test_long_video_caches_each_chunk_as_its_own_run(tiny_model, tiny_vae, caplog):
     """Each chunk is a sampling run: its own empty cache and its own summary line (the built-in model's set)."""
     from comfyui_spacetime.jobs.long_video import generate_long_video, plan_long_video
+    from comfyui_spacetime.jobs.prompt_schedule import single_prompt
 
     model = tiny_model.with_step_cache(StepCacheSettings("teacache", 0.3, start=0.1))
     assert model.step_cache.coefficients == "builtin-tiny"
@@ -249,7 +250,7 @@ def test_long_video_caches_each_chunk_as_its_own_run(tiny_model, tiny_vae, caplo
     settings = SolverSettings(steps=8, cfg=3.0, shift=5.0)
     emb = torch.randn(1, 4, model.config.text_dim, generator=torch.Generator().manual_seed(0))
     text = SpacetimeConditioning(EncodedText(emb, torch.ones(1, 4, dtype=torch.bool), ("p",), (False,)), "test")
-    args = (tiny_vae, text, text, plan, 0, settings, 1.0, CPU, CPU)
+    args = (tiny_vae, single_prompt(text), text, plan, 0, settings, 1.0, CPU, CPU)
     with caplog.at_level(logging.INFO), _Counts(model.dit) as counts:
         video = generate_long_video(model, *args)
     summaries = [r.getMessage() for r in caplog.records if "step cache" in r.getMessage()]
