@@ -133,3 +133,19 @@ def test_readme_node_table_lists_every_registered_node():
     section = readme[readme.index("## Nodes"):]
     rows = {line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| Spacetime")}
     assert rows == set(NODE_DISPLAY_NAME_MAPPINGS.values())
+
+
+def test_the_roots_folders_do_not_shadow_installed_modules():
+    """Our ``kernels/`` would shadow Hugging Face's ``kernels`` (transformers >= 5.25 imports it) if the repo root
+    stayed on sys.path: ``spacetime_bootstrap`` takes it off, in the test process and in the root's scripts."""
+    import importlib.util
+
+    for name in ("kernels", "nodes", "jobs", "training", "headless"):
+        spec = importlib.util.find_spec(name)
+        assert spec is None or not str(spec.origin or "").startswith(str(ROOT) + "/"), name
+    code = (
+        "import importlib.util; from spacetime_bootstrap import load_package; load_package(); "
+        "spec = importlib.util.find_spec('kernels'); print(spec.origin if spec else None)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert not out.stdout.strip().startswith(str(ROOT)), out.stdout
