@@ -203,16 +203,17 @@ def sample(
     step_start = step_start or (lambda i: None)
     if solver == "unipc":
         x = _sample_unipc(evaluate, x, sigmas, callback, step_start)
-    elif solver == "lcm":
-        x = _sample_lcm(evaluate, x, sigmas, callback, step_start, renoise)
     else:
-        x = _sample_euler_heun(evaluate, x, sigmas, solver == "heun", callback, step_start)
+        x = _sample_one_step(evaluate, x, sigmas, solver == "heun", callback, step_start, renoise if solver == "lcm" else None)
     return x if guide is None else guide.final(x)
 
 
-def _sample_euler_heun(
-    evaluate: _Evaluate, x: torch.Tensor, sigmas: torch.Tensor, heun: bool, callback: StepCallback | None, step_start: StepStart
+def _sample_one_step(
+    evaluate: _Evaluate, x: torch.Tensor, sigmas: torch.Tensor, heun: bool, callback: StepCallback | None,
+    step_start: StepStart, renoise: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
+    """Euler (``heun``: with Heun's correction), or with ``renoise`` the "lcm" step: the x0 estimate at each level,
+    re-noised with fresh noise to the next (the last step ends at the estimate)."""
     batch = x.shape[0]
     total = len(sigmas) - 1
     for i in range(total):
@@ -225,26 +226,10 @@ def _sample_euler_heun(
             t_next = torch.full_like(t, sigma_next * NUM_TRAIN_TIMESTEPS)
             v = 0.5 * (v + evaluate(x_euler, t_next, sigma_next)[1])
         x0_estimate = x - sigma * v
-        x = x + (sigma_next - sigma) * v
-        if callback is not None:
-            callback(i + 1, total, x0_estimate)
-    return x
-
-
-def _sample_lcm(
-    evaluate: _Evaluate, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None, step_start: StepStart,
-    renoise: Callable[[], torch.Tensor],
-) -> torch.Tensor:
-    """x0 estimate at each level, re-noised with fresh noise to the next (the last step ends at the estimate)."""
-    batch = x.shape[0]
-    total = len(sigmas) - 1
-    for i in range(total):
-        step_start(i)
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        t = torch.full((batch,), sigma * NUM_TRAIN_TIMESTEPS, dtype=torch.float32, device=x.device)
-        x, v = evaluate(x, t, sigma)  # [B,C,F,H,W]
-        x0_estimate = x - sigma * v
-        x = x0_estimate if sigma_next == 0 else (1.0 - sigma_next) * x0_estimate + sigma_next * renoise()
+        if renoise is None:
+            x = x + (sigma_next - sigma) * v
+        else:
+            x = x0_estimate if sigma_next == 0 else (1.0 - sigma_next) * x0_estimate + sigma_next * renoise()
         if callback is not None:
             callback(i + 1, total, x0_estimate)
     return x
