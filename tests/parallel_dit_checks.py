@@ -109,3 +109,92 @@ def streamed_and_compiled(rank: int, world_size: int) -> dict:
         except ValueError as error:
             refused = str(error)
     return {"streamed": _max_error(streamed, single), "compile": refused}
+
+
+SAMPLING_PLANS = {"cfg2_ulysses2": (2, 1, 2), "usp2x2": (2, 2, 1), "cfg2_ring2": (1, 2, 2)}  # a world of 4
+SAMPLING_LATENT = (1, 16, 3, 6, 10)  # 45 tokens: no share divides
+
+
+class _Counts:
+    """DiT evaluations (the head runs every time) and computed ones (the last block runs), by forward hooks."""
+
+    def __init__(self, dit: WanDiT):
+        self.total = self.computed = 0
+        self._handles = [dit.head.register_forward_hook(lambda *a: self._add("total")),
+                         dit.blocks[-1].register_forward_hook(lambda *a: self._add("computed"))]
+
+    def _add(self, which: str) -> None:
+        setattr(self, which, getattr(self, which) + 1)
+
+    def close(self) -> tuple[int, int]:
+        for handle in self._handles:
+            handle.remove()
+        return self.total, self.computed
+
+
+def _sampling_runs(model) -> dict:
+    """Whole sampling runs by name: each returns (latents, (evaluations, computed))."""
+    from comfyui_spacetime.jobs.packed import PackedItem, generate_packed
+    from comfyui_spacetime.jobs.text_to_video import generate
+    from comfyui_spacetime.model_defs.bundles import SpacetimeConditioning
+    from comfyui_spacetime.model_defs.flow_matching import SolverSettings
+    from comfyui_spacetime.model_defs.step_cache import StepCacheSettings
+    from comfyui_spacetime.model_defs.text_encoders import EncodedText
+
+    def cond(seed: int, tokens: int) -> SpacetimeConditioning:
+        emb = torch.zeros(1, CONFIG.text_len, CONFIG.text_dim)
+        emb[:, :tokens] = torch.randn(1, tokens, CONFIG.text_dim, generator=torch.Generator().manual_seed(seed))
+        mask = torch.arange(CONFIG.text_len)[None] < tokens
+        return SpacetimeConditioning(EncodedText(emb, mask, ("p",), (False,)), "test")
+
+    latent = torch.zeros(SAMPLING_LATENT)
+    unipc = SolverSettings(4, 5.0, 3.0, "unipc")
+    euler = SolverSettings(8, 5.0, 3.0, "euler")
+    items = [PackedItem(cond(10 + i, 3 + i), cond(20, 2), (1, *shape), 7 + i, f"item {i}") for i, shape in enumerate(VIDEOS)]
+    caches = {"fbcache": StepCacheSettings("fbcache", 0.4, start=0.1),  # measured changes 0.21-0.49: skips some
+              "teacache": StepCacheSettings("teacache", 0.1, coefficients="wan2.1-t2v-1.3b")}
+
+    def counted(run):
+        def call():
+            counts = _Counts(model.dit)
+            try:
+                return run(), counts.close()
+            except BaseException:
+                counts.close()
+                raise
+        return call
+
+    runs = {
+        "generate_unipc": lambda: generate(model, cond(1, 5), cond(2, 3), latent, 11, unipc, torch.device("cpu")),
+        "generate_cfg1": lambda: generate(model, cond(1, 5), cond(2, 3), latent, 11,
+                                          dataclasses.replace(unipc, cfg=1.0), torch.device("cpu")),
+        "packed_unipc": lambda: generate_packed(model, items, unipc, torch.device("cpu"), max_tokens=10_000),
+    }
+    for name, settings in caches.items():
+        runs[name] = lambda settings=settings: generate(model.with_step_cache(settings), cond(1, 5), cond(2, 3), latent, 11,
+                                                        euler, torch.device("cpu"))
+    return {name: counted(run) for name, run in runs.items()}
+
+
+def sampling_errors(rank: int, world_size: int) -> dict:
+    """``{plan: {run: (max error, (evaluations, computed) parallel, the same single)}}`` for whole sampling runs."""
+    from comfyui_spacetime.model_defs.bundles import LatentFormat, SpacetimeModel
+
+    stats = torch.Generator().manual_seed(1)
+    latent_format = LatentFormat(16, tuple(torch.randn(16, generator=stats).tolist()),
+                                 tuple((torch.rand(16, generator=stats) + 0.5).tolist()))
+    model = SpacetimeModel(tiny_dit().requires_grad_(False), latent_format, "test-tiny")
+    single = {name: run() for name, run in _sampling_runs(model).items()}
+    results = {}
+    for plan_name, (ulysses, ring, cfg) in SAMPLING_PLANS.items():
+        parallelize(model.dit, make_groups(ParallelPlan(ulysses=ulysses, ring=ring, cfg=cfg), CONFIG.num_heads))
+        results[plan_name] = {name: (_max_error(out, single[name][0]), counts, single[name][1])
+                              for name, (out, counts) in ((n, run()) for n, run in _sampling_runs(model).items())}
+        unparallelize(model.dit)
+        dist.barrier()
+    return results
+
+
+def world_checks(rank: int, world_size: int) -> dict:
+    """Everything the forward tests check in one world: the plans' errors, then streaming and compile."""
+    return {"forward": forward_errors(rank, world_size), "composition": streamed_and_compiled(rank, world_size)}

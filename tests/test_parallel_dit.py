@@ -17,21 +17,22 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def errors():
-    return {world: run_ranks(world, "parallel_dit_checks:forward_errors") for world in PLANS}
+    return {world: run_ranks(world, "parallel_dit_checks:world_checks") for world in PLANS}
 
 
 @pytest.mark.parametrize("world, plan", [(world, plan) for world, plans in PLANS.items() for plan in plans])
 def test_parallel_forward_equals_single_process_on_every_rank(errors, world, plan):
-    for rank, by_plan in enumerate(errors[world]):
-        measured = by_plan[plan]
+    for rank, checks in enumerate(errors[world]):
+        measured = checks["forward"][plan]
         assert sorted(measured) == sorted(CASES)
         worst = {case: error for case, error in measured.items() if not error <= TOLERANCE}
         assert not worst, f"rank {rank}, {plan}: {worst}"
 
 
-def test_streamed_weights_compose_and_compiled_blocks_are_refused_in_one_line():
-    results = run_ranks(2, "parallel_dit_checks:streamed_and_compiled")
-    for result in results:
+@pytest.mark.parametrize("world", list(PLANS))
+def test_streamed_weights_compose_and_compiled_blocks_are_refused_in_one_line(errors, world):
+    for checks in errors[world]:
+        result = checks["composition"]
         assert result["streamed"] <= TOLERANCE
         assert result["compile"].startswith("compile='on' is not allowed with multi-GPU") and "\n" not in result["compile"]
 
