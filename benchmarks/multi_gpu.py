@@ -33,7 +33,7 @@ from spacetime_bootstrap import load_package  # noqa: E402
 load_package()
 from comfyui_spacetime.jobs.parallel import start_workers  # noqa: E402
 from comfyui_spacetime.jobs.parallel.devices import backend_for, free_port, worker_threads  # noqa: E402
-from comfyui_spacetime.jobs.parallel.worker import _optional, place_plan  # noqa: E402
+from comfyui_spacetime.jobs.parallel.worker import place_plan  # noqa: E402
 from comfyui_spacetime.kernels import get_backend  # noqa: E402
 from comfyui_spacetime.model_defs.bundles import LatentFormat, SpacetimeModel  # noqa: E402
 from comfyui_spacetime.model_defs.parallel.plan import ParallelPlan, make_groups  # noqa: E402
@@ -192,8 +192,6 @@ def main() -> None:
         ranks = [1, 2, 4]
     shape = latent_shape(args.size or SIZES[device_type], config.in_dim)
     tokens = shape[2] * (shape[3] // 2) * (shape[4] // 2)
-    if _optional("sequence", "parallelize") is None:
-        print("note: sequence parallelism is not in this build: every rank computes the whole forward")
     print(f"{config_name} ({config.num_heads} heads), latent {list(shape)} = {tokens} tokens per video, batch 2 (a guided "
           f"step), {args.steps} steps after a warm-up, device {device_type}, {os.cpu_count()} CPU cores")
     header = "| ranks | plan | step s | efficiency | peak memory per rank |" + (" step s via the runtime |" if device_type == "cpu" else "")

@@ -7,6 +7,7 @@ import torch
 
 from ...model_defs.bundles import SpacetimeModel
 from ...model_defs.parallel.plan import ParallelPlan
+from ...model_defs.parallel.sequence import check_composable
 from .devices import EXAMPLES, fixed_port, parse_devices
 from .runtime import RemoteDiT, WorkerRuntime, start_workers
 from .torchrun import finish_world, launched_world, parallelize_here, writes_files
@@ -28,12 +29,14 @@ def check_parallel_model(model: SpacetimeModel, devices: tuple[torch.device, ...
             continue
         if getattr(m.dit, "runs_in_workers", False):
             raise ValueError(f"model {m.name} already runs on Multi-GPU workers; connect the loader's model to one Spacetime Multi-GPU")
+        if plan.world_size > 1:
+            check_composable(m.dit)  # compiled blocks
         if m.streamer is not None:
             raise ValueError(f"model {m.name} streams its weights (gpu_budget_gb on its loader); set gpu_budget_gb to 0 for "
                              "Multi-GPU (fsdp=true spreads the weights over the GPUs instead)")
-        if m.step_cache is not None and m.step_cache.active:
-            raise ValueError(f"model {m.name} caches steps (Spacetime Step Cache), which Multi-GPU does not run yet; remove "
-                             "the Step Cache node or the Multi-GPU node")
+        if m.step_cache is not None and m.step_cache.active and launched_world() is None:  # torchrun: the DiT is here
+            raise ValueError(f"model {m.name} caches steps (Spacetime Step Cache), which Multi-GPU worker processes do not "
+                             "run yet; remove the Step Cache node (under torchrun it works)")
 
 
 def parallel_model(model: SpacetimeModel, devices_text: str, plan: ParallelPlan) -> SpacetimeModel:

@@ -11,6 +11,7 @@ from datetime import timedelta
 import torch
 
 from ...model_defs.bundles import SpacetimeModel
+from ...model_defs.lora import applied
 from ...model_defs.parallel.plan import ParallelPlan, make_groups
 from .devices import backend_for
 from .worker import place_plan
@@ -53,7 +54,13 @@ def parallelize_here(model: SpacetimeModel, devices: tuple[torch.device, ...], d
     log.info("Spacetime: rank %d of %d on %s: %s", rank, world, device, plan.describe())
 
     def place(m: SpacetimeModel) -> SpacetimeModel:
-        return dataclasses.replace(m, dit=place_plan(m.dit.to(device), groups))
+        dit = m.dit.to(device)
+        if not (plan.fsdp and m.loras):
+            return dataclasses.replace(m, dit=place_plan(dit, groups))
+        # sharded blocks take no LoRA at run time (fsdp.py): they go in before the sharding, for the process's lifetime
+        dit.parallel_loras = applied(dit, m.loras)
+        dit.parallel_loras.__enter__()
+        return dataclasses.replace(m, dit=place_plan(dit, groups), loras=())
 
     low_noise = None if model.low_noise is None else place(model.low_noise)
     return dataclasses.replace(place(model), low_noise=low_noise)

@@ -23,7 +23,9 @@ from ...kernels import get_backend
 from ...model_defs.checkpoint import build_dit
 from ...model_defs.compiled import compile_blocks
 from ...model_defs.lora import AppliedLora, applied
+from ...model_defs.parallel.fsdp import shard_blocks
 from ...model_defs.parallel.plan import ParallelGroups, ParallelPlan, make_groups
+from ...model_defs.parallel.sequence import parallelize
 from ...model_defs.wan_dit import WanDiT, WanDiTConfig
 from .shipping import FlatTensors, to_device
 
@@ -61,31 +63,12 @@ class BuildSpec:
 def place_plan(dit: WanDiT, groups: ParallelGroups) -> WanDiT:
     """``dit`` patched for ``groups``' plan: sequence (Ulysses/ring/USP) and CFG parallel attention
     (``parallel.sequence.parallelize``), then its blocks' weights sharded over the world when the plan says so
-    (``parallel.fsdp.shard_blocks``). Every rank's DiT then returns the full result."""
-    plan = groups.plan
-    if plan.world_size > 1:
-        parallelize = _optional("sequence", "parallelize")
-        if parallelize is None:
-            log.warning("Spacetime: sequence parallelism is not installed in this build: every rank computes the whole forward")
-        else:
-            dit = parallelize(dit, groups) or dit
-    if plan.fsdp:
-        shard_blocks = _optional("fsdp", "shard_blocks")
-        if shard_blocks is None:
-            raise RuntimeError("fsdp=True: FSDP sharding is not in this build of the pack; set fsdp to false")
-        dit = shard_blocks(dit, groups) or dit
+    (``parallel.fsdp.shard_blocks``, after the LoRAs are in). Every rank's DiT then returns the full result."""
+    if groups.plan.world_size > 1:
+        dit = parallelize(dit, groups)
+    if groups.plan.fsdp:
+        dit = shard_blocks(dit, groups)
     return dit
-
-
-def _optional(module: str, name: str):
-    """A function of ``model_defs.parallel.<module>``, or None where that module is not (yet) part of the pack."""
-    import importlib
-
-    try:
-        found = importlib.import_module(f"{__package__.rsplit('.', 2)[0]}.model_defs.parallel.{module}")
-    except ModuleNotFoundError:
-        return None
-    return getattr(found, name, None)
 
 
 class _Worker:
@@ -112,9 +95,9 @@ class _Worker:
         backend = get_backend(self.device, choice=self.spec.kernels)
         dit = build_dit(expert.weights.tensors(), expert.config, expert.dtype, backend, expert.name).to(self.device)
         self._loras.enter_context(applied(dit, expert.loras))  # for the workers' lifetime: their DiTs serve one model
-        dit = place_plan(dit, self.groups)
-        if expert.compile:
+        if expert.compile and self.spec.world_size == 1:  # a parallel DiT refuses compiled blocks (the node says so first)
             compile_blocks(dit, expert.name)
+        dit = place_plan(dit, self.groups)
         self.builds += 1
         return dit
 
