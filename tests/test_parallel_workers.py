@@ -59,9 +59,9 @@ def with_lora(tiny_model):
 
 @pytest.fixture(scope="module")
 def workers(with_lora):
-    """``with_lora`` on two CPU worker processes (ring degree 2), started once for the module: its LoRA travels with
-    the weights."""
-    model = SpacetimeMultiGPU().apply(with_lora, "cpu x2", ulysses=1, ring=2, cfg_parallel=False, fsdp=False)[0]
+    """``with_lora`` on two CPU worker processes (ring degree 2, the blocks' weights FSDP-sharded over both), started
+    once for the module: its LoRA travels with the weights."""
+    model = SpacetimeMultiGPU().apply(with_lora, "cpu x2", ulysses=1, ring=2, cfg_parallel=False, fsdp=True)[0]
     yield model
     pids = model.dit.runtime.pids
     model.dit.runtime.close()
