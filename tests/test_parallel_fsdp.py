@@ -1,6 +1,7 @@
 """FSDP-sharded DiT blocks (``model_defs.parallel.fsdp``) on real gloo worlds of 2 and 4 CPU processes: the sharded
 DiT gives the unsharded one's output (fp32 dense and packed, bf16 with fp8 FFN weights), each rank holds its share
-of the block weights, and only the running block is gathered. Each world is spawned once for the module."""
+of the block weights, and only the running block is gathered. Each world is spawned once (with
+test_parallel_vae.py's checks: ``parallel_weight_checks.world_results``)."""
 import dataclasses
 
 import pytest
@@ -8,8 +9,7 @@ import torch
 
 from comfyui_spacetime.model_defs.parallel.fsdp import fsdp_weight_bytes, held_block_bytes, shard_blocks
 from comfyui_spacetime.model_defs.wan_dit import DIT_PRESETS, WanDiT
-from parallel_procs import run_ranks
-from parallel_weight_checks import FSDP_CONFIG
+from parallel_weight_checks import FSDP_CONFIG, world_results
 
 WORLDS = (2, 4)
 VARIANTS = ("fp32", "fp32_no_prefetch", "fp8")
@@ -17,7 +17,7 @@ VARIANTS = ("fp32", "fp32_no_prefetch", "fp8")
 
 @pytest.fixture(scope="module")
 def worlds():
-    return {world: run_ranks(world, "parallel_weight_checks:fsdp_checks") for world in WORLDS}
+    return {world: [result["fsdp"] for result in world_results(world)] for world in WORLDS}
 
 
 @pytest.mark.parametrize("world", WORLDS)
