@@ -100,6 +100,8 @@ class BlindWatermark:
     the pack's 64x64 grid, with its per-frame bit decision and a per-bit majority over frames: the alternative
     measured against invisible-watermark."""
 
+    GRID = 64  # the grid it was measured on (its 4x4 blocks need 32 of them per plane)
+
     def __init__(self):
         from comfyui_spacetime.jobs.provenance import watermark
 
@@ -128,7 +130,7 @@ class BlindWatermark:
         w, out = self.w, []
         for frame in frames:
             height, width = frame.shape[:2]
-            grid = w._resize(frame.astype(np.float32), w.GRID, w.GRID).round().clip(0, 255)
+            grid = w._resize(frame.astype(np.float32), self.GRID, self.GRID).round().clip(0, 255)
             mark = self._library()
             with contextlib.redirect_stdout(io.StringIO()):
                 mark.read_img(img=grid[..., ::-1].copy())
@@ -144,7 +146,7 @@ class BlindWatermark:
         for frame in frames:
             mark = self._library()
             with contextlib.redirect_stdout(io.StringIO()):
-                bits = mark.extract(embed_img=w._resize(frame, w.GRID, w.GRID).astype(np.float32)[..., ::-1].copy(),
+                bits = mark.extract(embed_img=w._resize(frame, self.GRID, self.GRID).astype(np.float32)[..., ::-1].copy(),
                                     wm_shape=len(w.PAYLOAD), mode="bit")
             votes += np.asarray(bits, dtype=np.float64) > 0.5
         return tuple(int(v) for v in (votes > len(frames) / 2))
