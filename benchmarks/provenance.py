@@ -99,8 +99,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 class BlindWatermark:
     """blind-watermark (DWT, then DCT + SVD quantisation of 4x4 blocks in all three YUV planes, steps 36 and 20) on
-    the pack's 64x64 grid, with its per-frame bit decision and a per-bit majority over frames: the alternative
-    measured against invisible-watermark."""
+    a 64x64 grid (its blocks need 32 per plane), with its per-frame bit decision and a per-bit majority over
+    frames: the alternative measured against invisible-watermark."""
 
     GRID = 64  # the grid it was measured on (its 4x4 blocks need 32 of them per plane)
 
