@@ -47,7 +47,7 @@ STEPS = {1: 50.0, 2: 50.0}
 CROP_MARGINS = (0.0, 0.05, 0.1)
 WORK_SIDE = 4 * GRID  # larger frames are shrunk to this before the crop search pads them
 # the least matching bits (of 32) to call the mark present: unmarked clips match 16 on average; 26 or more of
-# random bits has a probability of 2.7e-4 per reading, 2.5e-3 for the best of the crop search's 9
+# random bits has a probability of 2.7e-4 per reading, at most 2.4e-3 for the best of the crop search's 9
 PRESENT_AT = 26
 LIBRARY = "invisible-watermark"
 
