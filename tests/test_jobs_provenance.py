@@ -61,7 +61,7 @@ def test_the_reader_finds_the_mark_after_resizes_and_crops_and_not_in_unmarked_c
 def test_the_crop_search_is_what_reads_a_cropped_clip(clip):
     cropped = watermark.embed(clip[0])[:, 6:58, 6:58]  # 10% off each edge: the grid's blocks shift by 3 pixels
     unsearched = tuple(int(score > 0.5) for score in watermark.bit_scores(cropped))  # the frames read as they are
-    assert watermark.matching_bits(unsearched) <= 28  # 6 or more bits lost without the search
+    assert watermark.matching_bits(unsearched) <= 28  # 4 or more bits lost without the search (26 read)
     assert watermark.matching_bits(watermark.read_bits(cropped)) == 32
 
 
