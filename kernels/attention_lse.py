@@ -15,7 +15,7 @@ packed convention, as ``attention_varlen``) q ``[Tq,H,D]``, k/v ``[Tk,H,D]``, ``
 ``[Tq,H,D]``, lse ``[Tq,H]``. Accumulation, out and lse in fp32 (a ring merges them again; the caller casts
 once at the end). Non-causal, no mask: a caller with padded keys slices them off (real tokens first).
 Pure PyTorch: these are the references and the CPU path; the scores of a block of queries are materialised, so
-queries are taken ``QUERY_CHUNK`` rows at a time to bound that memory.
+queries are taken a block at a time, at most ``SCORE_ELEMENTS`` scores (1 GiB fp32) and ``QUERY_CHUNK`` rows.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import math
 
 import torch
 
-QUERY_CHUNK = 1024  # query rows per score block: B*H*1024*Sk fp32 scores at a time
+QUERY_CHUNK = 1024  # query rows per score block at most
+SCORE_ELEMENTS = 2**28  # fp32 scores materialised at once at most (B*H*rows*Sk)
 
 
 def attention_lse_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +40,9 @@ def attention_lse_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     keys_t = k.float().transpose(-1, -2)  # [B,H,D,Sk]
     values = v.float()  # [B,H,Sk,D]
     scale = head_dim**-0.5
-    for start in range(0, queries, QUERY_CHUNK):
-        stop = min(start + QUERY_CHUNK, queries)
+    rows = max(1, min(QUERY_CHUNK, SCORE_ELEMENTS // (batch * heads * k.shape[2])))
+    for start in range(0, queries, rows):
+        stop = min(start + rows, queries)
         scores = torch.matmul(q[:, :, start:stop].float() * scale, keys_t)  # [B,H,c,Sk]
         row_lse = torch.logsumexp(scores, dim=-1)  # [B,H,c], finite: every score is finite
         out[:, :, start:stop] = torch.matmul(torch.exp(scores - row_lse[..., None]), values)  # [B,H,c,D]

@@ -18,7 +18,7 @@ def _qkv(batch, heads, queries, keys, head_dim=12, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_output_is_sdpa_and_lse_is_the_logsumexp_of_the_scaled_scores(dtype, monkeypatch):
-    monkeypatch.setattr(attention_lse, "QUERY_CHUNK", 7)  # several query chunks, the last one ragged
+    monkeypatch.setattr(attention_lse, "SCORE_ELEMENTS", 2 * 3 * 11 * 7)  # blocks of 7 query rows, the last one ragged
     q, k, v = (t.to(dtype) for t in _qkv(2, 3, 19, 11))
     out, lse = attention_lse_ref(q, k, v)
     exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
