@@ -55,11 +55,12 @@ def _all_gather(tensor: torch.Tensor, group) -> list[torch.Tensor]:
     return parts
 
 
-def _max_over(value: float, group) -> float:
-    """The largest ``value`` of the ranks of ``group`` (every rank gets the same float)."""
+def _max_over(value: float, group, device: torch.device) -> float:
+    """The largest ``value`` of the ranks of ``group`` (every rank gets the same float); ``device``: where the
+    group's backend takes tensors (NCCL: the GPU)."""
     if _group_size(group) == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, dist.ReduceOp.MAX, group=group)
     return float(tensor)
 
@@ -103,7 +104,7 @@ class _ShardedAttention:
         else:
             new, old = new.flatten(1), old.flatten(1)
             change = (new - old).abs().mean(1) / old.abs().mean(1).clamp_min(1e-12)
-        return _max_over(float(change.max()), self.groups.cfg)
+        return _max_over(float(change.max()), self.groups.cfg, new.device)
 
 
 @dataclass(frozen=True, eq=False)
