@@ -21,7 +21,9 @@ State lives in one ``StepCacheRun`` per sampling run and DiT (``cached``), enter
 each step and dropped when the run ends or the other expert of a pair takes over: nothing leaks between runs,
 experts or graph branches. The guidance branches are rows of one batch (``guided_velocity`` runs cond and uncond
 as 2B): the residual is cached per row, and the skip decision, one per evaluation, takes the largest per-row
-estimate (a packed call is one row holding every sequence; per-frame modulation rows are rows too).
+estimate (a packed call is one row holding every sequence; per-frame modulation rows are rows too). Under a
+parallel DiT each rank sees only its rows and tokens: the metrics are reduced over the ranks (the layout's
+``relative_change``), so every rank takes the decision one process would.
 Caching acts only on steps ``start * steps <= i < end * steps``; the published methods keep the first steps full.
 """
 from __future__ import annotations
@@ -116,6 +118,13 @@ def relative_l1(new: torch.Tensor, old: torch.Tensor) -> float:
     return float(change.max())
 
 
+def _change(block_args: tuple, new: torch.Tensor, old: torch.Tensor, tokens: bool) -> float:
+    """``relative_l1``, or, for a rank's part of a parallel forward (``parallel.sequence``: the layout, the last
+    block argument, has ``relative_change``), the same number for the whole batch on every rank: they decide alike."""
+    measure = getattr(block_args[-1], "relative_change", None) if block_args else None
+    return relative_l1(new, old) if measure is None else measure(new, old, tokens)
+
+
 def polynomial(coefficients: Sequence[float], x: float) -> float:
     """``numpy.poly1d(coefficients)(x)``: highest power first, as TeaCache stores its coefficients."""
     value = 0.0
@@ -168,7 +177,7 @@ class StepCacheRun:
             previous, self._estimate_input = self._estimate_input, cheap.detach().clone()
             self._skip = False
             if self._may_skip(x) and previous is not None and previous.shape == cheap.shape:
-                self._accumulated += polynomial(self._poly, relative_l1(cheap, previous))
+                self._accumulated += polynomial(self._poly, _change(block_args, cheap, previous, tokens=False))
                 self._skip = self._accumulated < self.settings.threshold
             if not self._skip:
                 self._accumulated = 0.0
@@ -189,7 +198,7 @@ class StepCacheRun:
         first_residual = first - x
         self._skip = (
             self._may_skip(first) and self._first_residual is not None and self._first_residual.shape == first.shape
-            and relative_l1(first_residual, self._first_residual) < self.settings.threshold
+            and _change(block_args, first_residual, self._first_residual, tokens=True) < self.settings.threshold
         )
         if not self._skip:
             self._first_residual = first_residual

@@ -204,6 +204,7 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(config, backend) for _ in range(config.num_layers))
         self.head = WanHead(config, backend)
         self.step_cache = None  # a step_cache.StepCacheRun while a sampling run caches steps (step_cache.cached)
+        self.parallel = None  # a parallel.sequence.DiTParallel when this rank computes its part (parallelize)
 
     def init_weights(self, generator: torch.Generator | None = None, zero_head: bool = True) -> None:
         """Wan's initialisation (Xavier for linears, zero biases, zero output head), seeded. ``zero_head=False``
@@ -295,7 +296,17 @@ class WanDiT(nn.Module):
     ) -> torch.Tensor:
         """Embedded tokens x (``[B,S,C]`` dense, ``[1,T,C]`` packed) through the blocks and the head;
         ``timesteps`` ``[N]``, one per modulation row of the layout (sample, sequence or latent frame). The
-        CLIP tokens ``image_context`` (dense only) are embedded and put before the text tokens, as Wan does."""
+        CLIP tokens ``image_context`` (dense only) are embedded and put before the text tokens, as Wan does.
+        With ``self.parallel`` set, this rank runs the blocks on its part and every rank gets the whole result."""
+        if self.parallel is not None:
+            return self.parallel.transformer(self._run_blocks, x, timesteps, context, layout, image_context)
+        return self._run_blocks(x, timesteps, context, layout, image_context)
+
+    def _run_blocks(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, layout: TokenLayout,
+        image_context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The body of ``_transformer`` on whatever tokens ``layout`` describes (all of them, or a rank's part)."""
         cfg = self.config
         dtype = self.patch_embedding.weight.dtype
         time_emb = self.time_embedding(sinusoidal_embedding(timesteps, cfg.freq_dim).to(dtype)).float()  # [N,C]
