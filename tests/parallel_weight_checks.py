@@ -93,6 +93,27 @@ def fsdp_checks(rank: int, world_size: int, groups=None) -> dict:
     return out
 
 
+def fsdp_with_sequence_parallel(rank: int, world_size: int) -> dict:
+    """FSDP under the sequence- and CFG-parallel patch (``sequence.parallelize``, applied first as the runtime does):
+    CFG over 2 ranks, ring attention over the rest; the whole result on every rank against the single process."""
+    from comfyui_spacetime.model_defs.parallel.sequence import parallelize
+
+    groups = make_groups(ParallelPlan(ring=world_size // 2, cfg=2, fsdp=True), num_heads=FSDP_CONFIG.num_heads)
+    dit = _dit()
+    latents, timesteps, context = _inputs(torch.float32)
+    videos = [latents[0], latents[1, :, :1, :4]]
+    with torch.inference_mode():
+        expected = dit(latents, timesteps, context)
+        expected_packed = dit.forward_videos(videos, timesteps, context)
+    shard_blocks(parallelize(dit, groups), groups)
+    with torch.inference_mode():
+        dense = dit(latents, timesteps, context)
+        packed = dit.forward_videos(videos, timesteps, context)
+    return {"error": (dense - expected).abs().max().item(),
+            "packed_error": max((a - b).abs().max().item() for a, b in zip(packed, expected_packed)),
+            "held_bytes": held_block_bytes(dit)}
+
+
 def _local_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.to_local().dtype if hasattr(tensor, "to_local") else tensor.dtype
 
@@ -128,7 +149,8 @@ def vae_checks(rank: int, world_size: int, latent: torch.Tensor, groups=None) ->
 def weight_checks(rank: int, world_size: int, latent: torch.Tensor) -> dict:
     """Both modules' checks in one world: starting the processes (importing torch in each) is most of the time."""
     groups = make_groups(ParallelPlan(ring=world_size, fsdp=True), num_heads=FSDP_CONFIG.num_heads)
-    return {"fsdp": fsdp_checks(rank, world_size, groups), "vae": vae_checks(rank, world_size, latent, groups)}
+    return {"fsdp": fsdp_checks(rank, world_size, groups), "vae": vae_checks(rank, world_size, latent, groups),
+            "fsdp_sequence": fsdp_with_sequence_parallel(rank, world_size)}
 
 
 @functools.cache
