@@ -31,12 +31,13 @@ from ..model_defs.layers import patchify, unpatchify
 from ..model_defs.sizes import patch_grid
 from ..model_defs.token_layouts import make_pack, pack_text
 from ..model_defs.wan_dit import WanDiT
-from .text_to_video import ModuleUse, stepwise_velocity
+from .text_to_video import ModuleUse, step_preview, stepwise_velocity
 
 log = logging.getLogger(__name__)
 
-# progress(done_steps, total_steps) over all packs; may raise to interrupt
-PackProgress = Callable[[int, int], None]
+# progress(done_steps, total_steps, preview) over all packs; may raise to interrupt. ``preview``: a callable giving
+# the image of the running pack's first video at that step (``step_preview``), or None when the model has no map.
+PackProgress = Callable[[int, int, Callable[[], torch.Tensor] | None], None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,7 +102,7 @@ def _sample_pack(
     items: Sequence[PackedItem],
     settings: SolverSettings,
     device: torch.device,
-    on_step: Callable[[int], None] | None,
+    on_step: Callable[[int, Callable[[], torch.Tensor] | None], None] | None,
     use: ModuleUse | None,
 ) -> list[torch.Tensor]:
     """One pack: every item's positive (and, with guidance, negative) sequence in one DiT call per step
@@ -140,9 +141,14 @@ def _sample_pack(
             return velocity
 
         sigmas = settings.sigmas()
-        callback = None if on_step is None else (lambda done, _total, _x0: on_step(done))
+        first_length = math.prod(grids[0])
+
+        def callback(done: int, _total: int, x0: torch.Tensor) -> None:
+            # x0 [1,T,P]: the step's clean estimate; the preview shows the pack's first video
+            on_step(done, step_preview(model, unpatchify(x0[0, :first_length], grids[0], patch)[None]))  # [1,C,T',H',W']
+
         with stepwise_velocity(model, sigmas, settings, velocity_of, use) as (velocity, step_start):
-            result = sample(velocity, x0_start[None], noise[None], sigmas, settings.scheduler, callback, None, step_start,
+            result = sample(velocity, x0_start[None], noise[None], sigmas, settings.scheduler, None if on_step is None else callback, None, step_start,
                             renoise=lambda: next_noise()[None])[0]  # [T,P]
     lengths = [math.prod(grid) for grid in grids]
     return [
@@ -177,7 +183,7 @@ def generate_packed(
     total = steps * len(packs)
     results: list[torch.Tensor | None] = [None] * len(items)
     for number, members in enumerate(packs):
-        on_step = None if on_progress is None else (lambda done, base=number * steps: on_progress(base + done, total))
+        on_step = None if on_progress is None else (lambda done, preview, base=number * steps: on_progress(base + done, total, preview))
         latents = _sample_pack(model, [items[i] for i in members], settings, device, on_step, use)
         for index, latent in zip(members, latents):
             results[index] = latent

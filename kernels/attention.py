@@ -60,19 +60,21 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 @jit
 def _attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     cu_seqlens_q_ptr, cu_seqlens_k_ptr,
     seqlen_q, seqlen_k, num_heads,
     stride_q_b, stride_q_h, stride_q_s,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
     stride_out_b, stride_out_h, stride_out_s,
+    stride_lse_b, stride_lse_h, stride_lse_s,
     qk_scale,
     seq_bucket_q, seq_bucket_k,  # powers of two of the (max) lengths: autotune keys only
     HEAD_DIM: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -132,6 +134,12 @@ def _attention_fwd_kernel(
     out_base = out_ptr + b * stride_out_b + h * stride_out_h + q_start * stride_out_s
     tl.store(out_base + offs_m[:, None] * stride_out_s + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])  # fmt: skip
+    if STORE_LSE:
+        # log-sum-exp of the row's scores in natural units (ring attention merges partial results with it): the
+        # scores carry log2(e), so log2 of the sum is m_i + log2(l_i), times ln 2; no key: -inf
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
+        lse_base = lse_ptr + b * stride_lse_b + h * stride_lse_h + q_start * stride_lse_s
+        tl.store(lse_base + offs_m * stride_lse_s, lse, mask=row_ok)
 
 
 # (BLOCK_M, BLOCK_N, warps, stages): a short list, because every distinct (length bucket, head dim) key
@@ -210,26 +218,29 @@ def launch_attention(
     cu_seqlens_k: torch.Tensor | None,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    lse: torch.Tensor | None = None,
 ) -> None:
     """Run the kernel on already-checked inputs, as 4D ``[B,H,S,D]`` (dense: cu_seqlens None) or 3D
-    ``[total,H,D]`` (packed). Writes ``out`` (same layout as q)."""
+    ``[total,H,D]`` (packed). Writes ``out`` (same layout as q) and, when given, ``lse`` (fp32, ``[B,H,S]`` or
+    ``[total,H]``): each query row's log-sum-exp of its scaled scores (``attention_lse``)."""
     packed = cu_seqlens_q is not None
+    lse_or_out = out if lse is None else lse  # strides of an absent lse are never read (STORE_LSE is False)
     if packed:
         batch, num_heads, head_dim = cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
         # [total, H, D]: token stride is dim 0; no batch stride (sequences are found via cu_seqlens)
-        strides = [(0, t.stride(1), t.stride(0)) for t in (q, k, v, out)]
+        strides = [(0, t.stride(1), t.stride(0)) for t in (q, k, v, out, lse_or_out)]
     else:
         batch, num_heads, head_dim = q.shape[0], q.shape[1], q.shape[3]
-        strides = [(t.stride(0), t.stride(1), t.stride(2)) for t in (q, k, v, out)]
+        strides = [(t.stride(0), t.stride(1), t.stride(2)) for t in (q, k, v, out, lse_or_out)]
     if batch == 0 or max_seqlen_q == 0:
         return
     dummy = q  # stands in for the absent cu_seqlens of the dense form; never read (IS_VARLEN is False)
     interpret = interpreting()
     args = [
-        q, k, v, out,
+        q, k, v, out, lse_or_out,
         cu_seqlens_q if packed else dummy, cu_seqlens_k if packed else dummy,
         max_seqlen_q, max_seqlen_k, num_heads,
-        *strides[0], *strides[1], *strides[2], *strides[3],
+        *strides[0], *strides[1], *strides[2], *strides[3], *strides[4],
         math.log2(math.e) / math.sqrt(head_dim),
         next_power_of_2(max_seqlen_q), next_power_of_2(max_seqlen_k),
     ]  # fmt: skip
@@ -240,6 +251,7 @@ def launch_attention(
         # still bf16 in memory and rounded as on the GPU); on the GPU bf16 runs on tensor cores
         UPCAST_DOT=interpret and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit dots
+        STORE_LSE=lse is not None,
     )
     if interpret:
         grid = (cdiv(max_seqlen_q, INTERPRET_BLOCK), batch * num_heads)

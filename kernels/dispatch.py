@@ -36,6 +36,7 @@ import torch
 from . import _triton, attention_external
 from .adaln import gated_residual, gated_residual_ref, layer_norm_modulate, layer_norm_modulate_ref
 from .attention import attention, attention_ref
+from .attention_lse import attention_lse, attention_lse_ref, attention_varlen_lse, attention_varlen_lse_ref
 from .attention_varlen import attention_varlen, attention_varlen_ref
 from .rms_norm_rope import rms_norm_rope, rms_norm_rope_ref
 from .rmsnorm import rms_norm, rms_norm_ref
@@ -68,6 +69,10 @@ class KernelBackend:
     rms_norm: Callable[..., torch.Tensor]
     attention_varlen: Callable[..., torch.Tensor] = attention_varlen_ref
     rms_norm_rope: Callable[..., torch.Tensor] = rms_norm_rope_ref
+    # attention with each query row's log-sum-exp (ring attention, ``model_defs/parallel/ring.py``): Triton's
+    # kernel whenever Triton's ops are in the backend, the references otherwise
+    attention_lse: Callable[..., tuple[torch.Tensor, torch.Tensor]] = attention_lse_ref
+    attention_varlen_lse: Callable[..., tuple[torch.Tensor, torch.Tensor]] = attention_varlen_lse_ref
 
 
 REFERENCE = KernelBackend(
@@ -89,6 +94,8 @@ TRITON = KernelBackend(
     rms_norm=rms_norm,
     attention_varlen=attention_varlen,
     rms_norm_rope=rms_norm_rope,
+    attention_lse=attention_lse,
+    attention_varlen_lse=attention_varlen_lse,
 )
 
 # attention of the optional packages; their other ops are set per device (``_backend_for``)

@@ -104,6 +104,45 @@ def blend_ramp(spans: list[tuple[int, int]], index: int, scale: int) -> torch.Te
     return weight
 
 
+class TileGrid:
+    """Overlapping tiles over a ``height x width`` grid of units (``tile_spans`` on each axis), numbered row by row:
+    where each tile sits and how it is blended back. ``run_tiled`` runs every tile in one process; a parallel
+    decode (``parallel/vae_decode.py``) runs each rank's tiles and blends them all here, in the same order."""
+
+    def __init__(self, height: int, width: int, tile: int, overlap: int):
+        self.rows = tile_spans(height, tile, overlap)
+        self.cols = tile_spans(width, tile, overlap)
+
+    def __len__(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    def window(self, number: int, scale: int) -> tuple[slice, slice]:
+        """(rows, columns) of tile ``number`` in a tensor of ``scale`` pixels per unit."""
+        (top, bottom), (left, right) = self.rows[number // len(self.cols)], self.cols[number % len(self.cols)]
+        return slice(top * scale, bottom * scale), slice(left * scale, right * scale)
+
+    def tile_shape(self, scale: int) -> tuple[int, int]:
+        """(height, width) of every tile at ``scale`` pixels per unit (all tiles have one size)."""
+        return (self.rows[0][1] - self.rows[0][0]) * scale, (self.cols[0][1] - self.cols[0][0]) * scale
+
+    def blend(self, pieces, scale: int, device: torch.device) -> torch.Tensor:
+        """The tiles' outputs ``(number, piece [B,C',T',h',w'])``, summed with their ramps and divided by the
+        summed weights, in the order given: fp32 ``[B,C',T',H',W']`` on ``device``."""
+        out = weight = None
+        for number, piece in pieces:
+            if out is None:
+                height, width = self.rows[-1][1] * scale, self.cols[-1][1] * scale
+                out = torch.zeros(*piece.shape[:3], height, width, dtype=torch.float32, device=device)  # [B,C',T',H',W']
+                weight = torch.zeros(height, width, dtype=torch.float32, device=device)
+            row, col = divmod(number, len(self.cols))
+            ramp = blend_ramp(self.rows, row, scale)[:, None] * blend_ramp(self.cols, col, scale)[None, :]  # [h', w']
+            ramp = ramp.to(out.device)
+            window = self.window(number, scale)
+            out[(..., *window)] += piece.to(out.device, torch.float32) * ramp
+            weight[window] += ramp
+        return out.div_(weight)
+
+
 def run_tiled(
     run: TileRun, x: torch.Tensor, tile: int, overlap: int, in_scale: int, out_scale: int,
     on_chunk: ChunkCallback | None = None, out_device: torch.device | None = None,
@@ -113,31 +152,28 @@ def run_tiled(
     must be multiples of ``in_scale``; ``tile`` and ``overlap`` are in units. A single tile is ``run(x)``
     itself; otherwise the result is fp32 on ``out_device`` (default: ``x``'s). ``on_chunk(done, total)``
     counts every tile's chunks."""
-    rows = tile_spans(x.shape[3] // in_scale, tile, overlap)
-    cols = tile_spans(x.shape[4] // in_scale, tile, overlap)
-    if len(rows) == 1 and len(cols) == 1:
+    grid = TileGrid(x.shape[3] // in_scale, x.shape[4] // in_scale, tile, overlap)
+    return run_grid(run, x, grid, in_scale, out_scale, on_chunk, out_device)
+
+
+def run_grid(
+    run: TileRun, x: torch.Tensor, grid: TileGrid, in_scale: int, out_scale: int,
+    on_chunk: ChunkCallback | None = None, out_device: torch.device | None = None,
+) -> torch.Tensor:
+    """``run_tiled`` on the tiles of ``grid`` (in units of ``in_scale`` pixels of ``x``)."""
+    if len(grid) == 1:
         return run(x, on_chunk)
-    count = len(rows) * len(cols)
-    out = weight = None
-    for number, (row, col) in enumerate((r, c) for r in range(len(rows)) for c in range(len(cols))):
-        (top, bottom), (left, right) = rows[row], cols[col]
+    count = len(grid)
 
-        def progress(done: int, total: int, number: int = number) -> None:
-            if on_chunk is not None:
-                on_chunk(number * total + done, count * total)
+    def pieces():  # one tile at a time: each is blended before the next runs
+        for number in range(count):
+            def progress(done: int, total: int, number: int = number) -> None:
+                if on_chunk is not None:
+                    on_chunk(number * total + done, count * total)
 
-        piece = run(x[:, :, :, top * in_scale: bottom * in_scale, left * in_scale: right * in_scale], progress)
-        if out is None:
-            device = x.device if out_device is None else out_device
-            height, width = rows[-1][1] * out_scale, cols[-1][1] * out_scale
-            out = torch.zeros(*piece.shape[:3], height, width, dtype=torch.float32, device=device)  # [B,C',T',H',W']
-            weight = torch.zeros(height, width, dtype=torch.float32, device=device)
-        ramp = blend_ramp(rows, row, out_scale)[:, None] * blend_ramp(cols, col, out_scale)[None, :]  # [h', w']
-        ramp = ramp.to(out.device)
-        window = (slice(top * out_scale, bottom * out_scale), slice(left * out_scale, right * out_scale))
-        out[(..., *window)] += piece.to(out.device, torch.float32) * ramp
-        weight[window] += ramp
-    return out.div_(weight)
+            yield number, run(x[(..., *grid.window(number, in_scale))], progress)
+
+    return grid.blend(pieces(), out_scale, x.device if out_device is None else out_device)
 
 
 def _unit_tiles(tile_size: int, overlap: int | None, spatial_factor: int) -> tuple[int, int]:
@@ -151,14 +187,13 @@ def _unit_tiles(tile_size: int, overlap: int | None, spatial_factor: int) -> tup
     return tile_size // spatial_factor, overlap // spatial_factor
 
 
-def decode_tiled(
-    vae, latent: torch.Tensor, tile_size: int = 0, overlap: int | None = None, on_chunk: ChunkCallback | None = None,
-    clamp: bool = True, device: torch.device | None = None, out_device: torch.device | None = None,
-) -> torch.Tensor:
-    """``vae.decode`` (a ``WanVAE``) in spatial tiles: latent ``[B,z,T',h,w]`` -> video ``[B,3,T,h*sf,w*sf]``.
-    ``tile_size`` and ``overlap`` are in pixels (multiples of ``sf``; 0: auto, see ``auto_tile_size``; overlap
-    None: ``default_overlap``). Each tile is moved to ``device`` in the VAE's dtype (default: where the VAE
-    is). Untiled: exactly ``vae.decode``; tiled: fp32 on ``out_device`` (default: the latent's)."""
+def decode_tiles(
+    vae, latent: torch.Tensor, tile_size: int = 0, overlap: int | None = None, clamp: bool = True,
+    device: torch.device | None = None,
+) -> tuple[TileRun, TileGrid | None]:
+    """How ``decode_tiled`` decodes ``latent [B,z,T',h,w]``: the per-tile decode (each tile moved to ``device`` in
+    the VAE's dtype, default: where the VAE is) and the tile grid in latent units (None: one tile, untiled). Checks
+    ``tile_size`` and ``overlap`` (one-line errors) before any work."""
     sf = vae.config.spatial_factor
     parameter = next(vae.parameters())
     device = parameter.device if device is None else device
@@ -168,9 +203,24 @@ def decode_tiled(
         return vae.decode(piece.to(device=device, dtype=parameter.dtype), on_chunk=progress, clamp=clamp)
 
     if tile_size == 0:
-        return run(latent, on_chunk)
+        return run, None
     tile, overlap = _unit_tiles(tile_size, overlap, sf)
-    return run_tiled(run, latent, tile, overlap, 1, sf, on_chunk, out_device)
+    grid = TileGrid(latent.shape[3], latent.shape[4], tile, overlap)
+    return run, grid if len(grid) > 1 else None
+
+
+def decode_tiled(
+    vae, latent: torch.Tensor, tile_size: int = 0, overlap: int | None = None, on_chunk: ChunkCallback | None = None,
+    clamp: bool = True, device: torch.device | None = None, out_device: torch.device | None = None,
+) -> torch.Tensor:
+    """``vae.decode`` (a ``WanVAE``) in spatial tiles: latent ``[B,z,T',h,w]`` -> video ``[B,3,T,h*sf,w*sf]``.
+    ``tile_size`` and ``overlap`` are in pixels (multiples of ``sf``; 0: auto, see ``auto_tile_size``; overlap
+    None: ``default_overlap``). Each tile is moved to ``device`` in the VAE's dtype (default: where the VAE
+    is). Untiled: exactly ``vae.decode``; tiled: fp32 on ``out_device`` (default: the latent's)."""
+    run, grid = decode_tiles(vae, latent, tile_size, overlap, clamp, device)
+    if grid is None:
+        return run(latent, on_chunk)
+    return run_grid(run, latent, grid, 1, vae.config.spatial_factor, on_chunk, out_device)
 
 
 def encode_tiled(

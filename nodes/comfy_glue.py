@@ -314,16 +314,17 @@ def _to_pil(image: torch.Tensor):
     return Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
 
 
-def progress_callback(label: str) -> Callable[[int, int], None]:
-    """``on_progress(done, total)`` for jobs whose total is known only once they start (chunks, bytes):
-    the progress bar is made at the first call with a total (0: not known, e.g. a download of unknown size)."""
+def progress_callback(label: str) -> Callable[..., None]:
+    """``on_progress(done, total, preview=None)`` for jobs whose total is known only once they start (chunks,
+    bytes, packs): the progress bar is made at the first call with a total (0: not known, e.g. a download of unknown
+    size); ``preview`` as ``Progress.update`` takes it."""
     bar: list[Progress] = []
 
-    def update(done: int, total: int) -> None:
+    def update(done: int, total: int, preview: Callable[[], torch.Tensor] | None = None) -> None:
         if not total:
             return
         if not bar:
             bar.append(Progress(total, label))
-        bar[0].update(done)
+        bar[0].update(done, preview)
 
     return update

@@ -3,6 +3,8 @@ takes ``(rank, world_size, *args)`` and returns plain values (numbers, lists: a 
 process that exits) for the test to compare."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from comfyui_spacetime.kernels import REFERENCE
@@ -47,11 +49,11 @@ def _gathered_while_running(dit: WanDiT) -> list:
     return seen, [block.self_attn.register_forward_pre_hook(record) for block in dit.blocks]
 
 
-def fsdp_checks(rank: int, world_size: int) -> dict:
+def fsdp_checks(rank: int, world_size: int, groups=None) -> dict:
     """The sharded DiT against the unsharded one on this rank: fp32 (dense twice, packed, then out of inference mode;
     prefetch on, and once off) and bf16 with fp8 FFN weights; bytes held per rank; which blocks hold gathered
     weights while each block runs."""
-    groups = make_groups(ParallelPlan(ring=world_size, fsdp=True), num_heads=FSDP_CONFIG.num_heads)
+    groups = groups or make_groups(ParallelPlan(ring=world_size, fsdp=True), num_heads=FSDP_CONFIG.num_heads)
     out: dict = {}
     for name, dtype, fp8_ffn, prefetch in (("fp32", torch.float32, False, True), ("fp32_no_prefetch", torch.float32, False, False),
                                             ("fp8", torch.bfloat16, True, True)):
@@ -91,5 +93,81 @@ def fsdp_checks(rank: int, world_size: int) -> dict:
     return out
 
 
+def fsdp_with_sequence_parallel(rank: int, world_size: int) -> dict:
+    """FSDP under the sequence- and CFG-parallel patch (``sequence.parallelize``, applied first as the runtime does):
+    CFG over 2 ranks, ring attention over the rest; the whole result on every rank against the single process."""
+    from comfyui_spacetime.model_defs.parallel.sequence import parallelize
+
+    groups = make_groups(ParallelPlan(ring=world_size // 2, cfg=2, fsdp=True), num_heads=FSDP_CONFIG.num_heads)
+    dit = _dit()
+    latents, timesteps, context = _inputs(torch.float32)
+    videos = [latents[0], latents[1, :, :1, :4]]
+    with torch.inference_mode():
+        expected = dit(latents, timesteps, context)
+        expected_packed = dit.forward_videos(videos, timesteps, context)
+    shard_blocks(parallelize(dit, groups), groups)
+    with torch.inference_mode():
+        dense = dit(latents, timesteps, context)
+        packed = dit.forward_videos(videos, timesteps, context)
+    return {"error": (dense - expected).abs().max().item(),
+            "packed_error": max((a - b).abs().max().item() for a, b in zip(packed, expected_packed)),
+            "held_bytes": held_block_bytes(dit)}
+
+
 def _local_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.to_local().dtype if hasattr(tensor, "to_local") else tensor.dtype
+
+
+def vae_checks(rank: int, world_size: int, latent: torch.Tensor, groups=None) -> dict:
+    """The split decode of ``latent`` (the test's, ``[1,16,T',h,w]``) by the built-in VAE on this rank, in 64-px tiles:
+    the result on every rank; of a crop with fewer tiles than ranks (``narrow``): on every rank, on rank 0 only
+    (``dst``); untiled (a 32x32 crop);
+    this rank's chunk counts; one-line errors for a bad tile size and dst. Videos come back as numpy arrays (copied,
+    not shared)."""
+    from comfyui_spacetime.model_defs.builtin import builtin_vae
+    from comfyui_spacetime.model_defs.parallel.vae_decode import decode_split
+
+    groups = groups or make_groups(ParallelPlan(ring=world_size))
+    vae, latents = builtin_vae().vae, {"wide": latent, "narrow": latent[..., :8, :12]}
+    out: dict = {}
+    with torch.inference_mode():
+        chunks = []
+        out["wide"] = decode_split(vae, latents["wide"], groups, 64, on_chunk=lambda done, total: chunks.append((done, total))).numpy()
+        out["chunks"] = chunks
+        at_zero = decode_split(vae, latents["narrow"], groups, 64, dst=0)
+        out["dst0"] = None if at_zero is None else at_zero.numpy()
+        out["narrow"] = decode_split(vae, latents["narrow"], groups, 64).numpy()
+        out["untiled"] = decode_split(vae, latents["narrow"][..., :4, :4], groups, 0).numpy()
+    for name, kwargs in (("bad_tile", dict(tile_size=12)), ("bad_dst", dict(tile_size=64, dst=world_size))):
+        try:
+            decode_split(vae, latents["wide"], groups, **kwargs)
+        except ValueError as error:
+            out[name] = str(error)
+    return out
+
+
+def weight_checks(rank: int, world_size: int, latent: torch.Tensor) -> dict:
+    """Both modules' checks in one world: starting the processes (importing torch in each) is most of the time."""
+    groups = make_groups(ParallelPlan(ring=world_size, fsdp=True), num_heads=FSDP_CONFIG.num_heads)
+    return {"fsdp": fsdp_checks(rank, world_size, groups), "vae": vae_checks(rank, world_size, latent, groups),
+            "fsdp_sequence": fsdp_with_sequence_parallel(rank, world_size)}
+
+
+@functools.cache
+def clip_latent() -> torch.Tensor:
+    """(In the test process) the built-in VAE's latent ``[1,16,2,12,20]`` of tests/test_jobs_vae_tiles.py's 160x96
+    clip of moving discs, whose tiled-decode tolerance is measured there."""
+    from comfyui_spacetime.model_defs.builtin import builtin_vae
+    from test_jobs_vae_tiles import moving_discs
+
+    with torch.inference_mode():
+        return builtin_vae().vae.encode(moving_discs().permute(3, 0, 1, 2)[None].mul(2).sub(1))
+
+
+@functools.cache
+def world_results(world_size: int) -> list[dict]:
+    """(In the test process) ``weight_checks`` on a world of ``world_size`` ranks, spawned once for all the test
+    modules that ask (test_parallel_fsdp.py, test_parallel_vae.py)."""
+    from parallel_procs import run_ranks
+
+    return run_ranks(world_size, "parallel_weight_checks:weight_checks", clip_latent())

@@ -13,7 +13,7 @@ from comfyui_spacetime.kernels import REFERENCE
 from comfyui_spacetime.model_defs.bundles import LatentFormat, SpacetimeConditioning, SpacetimeModel, SpacetimeTextEncoder
 from comfyui_spacetime.jobs.packed import PackedItem, generate_packed, plan_packs
 from comfyui_spacetime.model_defs.layers import patchify, unpatchify
-from comfyui_spacetime.jobs.text_to_video import generate
+from comfyui_spacetime.jobs.text_to_video import generate, step_preview
 from comfyui_spacetime.model_defs.text_encoders import EncodedText
 from comfyui_spacetime.jobs.video_list import parse_video_list
 from comfyui_spacetime.model_defs.wan_dit import WanDiT, WanDiTConfig
@@ -185,6 +185,26 @@ def test_over_budget_splits_into_packs_with_the_same_results(model, caplog):
     ]
     for a, b in zip(one_pack, split):
         assert (a - b).abs().max() <= 1e-5
+
+
+def test_progress_shows_each_packs_first_video_as_generate_previews_it_alone():
+    """Live previews while packing: every step's preview is the step estimate of the pack's first video, the image
+    ``generate`` would show for that video sampled alone; over two packs, each pack's own first video."""
+    from comfyui_spacetime.model_defs.previews import PUBLISHED_RGB
+
+    model = dataclasses.replace(_model(), latent_format=dataclasses.replace(_model().latent_format, rgb=PUBLISHED_RGB["wan2.1"]))
+    items = _items()
+    seen = []
+    generate_packed(model, items, SolverSettings(2, 4.0, 3.0, "euler"), CPU, max_tokens=40,  # packs [0], [1, 2]
+                    on_progress=lambda done, total, preview: seen.append((done, total, preview())))
+    assert [(done, total) for done, total, _ in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    for (_, _, image), first in zip(seen, [0, 0, 1, 1]):
+        item = items[first]
+        alone = []
+        generate(model, item.positive, item.negative, torch.zeros(item.latent_shape), item.seed,
+                 SolverSettings(2, 4.0, 3.0, "euler"), CPU, on_step=lambda done, total, x0: alone.append(x0))
+        expected = [step_preview(model, x0)() for x0 in alone]
+        assert any((image - e).abs().max() <= 1e-4 for e in expected) and image.shape == expected[0].shape
 
 
 def test_plan_packs_is_first_fit_in_order():

@@ -1,6 +1,7 @@
 """FSDP-sharded DiT blocks (``model_defs.parallel.fsdp``) on real gloo worlds of 2 and 4 CPU processes: the sharded
-DiT gives the unsharded one's output (fp32 dense and packed, bf16 with fp8 FFN weights), each rank holds its share
-of the block weights, and only the running block is gathered. Each world is spawned once for the module."""
+DiT gives the unsharded one's output (fp32 dense and packed, bf16 with fp8 FFN weights, under the sequence- and
+CFG-parallel patch), each rank holds its share of the block weights, and only the running block is gathered. Each
+world is spawned once (with test_parallel_vae.py's checks: ``parallel_weight_checks.world_results``)."""
 import dataclasses
 
 import pytest
@@ -8,8 +9,7 @@ import torch
 
 from comfyui_spacetime.model_defs.parallel.fsdp import fsdp_weight_bytes, held_block_bytes, shard_blocks
 from comfyui_spacetime.model_defs.wan_dit import DIT_PRESETS, WanDiT
-from parallel_procs import run_ranks
-from parallel_weight_checks import FSDP_CONFIG
+from parallel_weight_checks import FSDP_CONFIG, world_results
 
 WORLDS = (2, 4)
 VARIANTS = ("fp32", "fp32_no_prefetch", "fp8")
@@ -17,7 +17,7 @@ VARIANTS = ("fp32", "fp32_no_prefetch", "fp8")
 
 @pytest.fixture(scope="module")
 def worlds():
-    return {world: run_ranks(world, "parallel_weight_checks:fsdp_checks") for world in WORLDS}
+    return {world: [result["fsdp"] for result in world_results(world)] for world in WORLDS}
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -54,6 +54,15 @@ def test_weights_keep_their_dtype_and_only_the_running_block_is_gathered(worlds,
         for variant in VARIANTS:
             assert result[variant]["gathered"] == [[0], [1], [2]], variant  # while block i runs, only block i is whole
         assert result["again"] == "this DiT's blocks are already sharded (shard_blocks runs once per loaded model)"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_sharded_blocks_compose_with_sequence_and_cfg_parallel(world):
+    """CFG over 2 ranks and ring attention over the others (``sequence.parallelize``), weights sharded over all."""
+    for result in world_results(world):
+        combined = result["fsdp_sequence"]
+        assert combined["error"] <= 1e-5 and combined["packed_error"] <= 1e-5, (world, combined)
+        assert combined["held_bytes"] == result["fsdp"]["fp32"]["held_bytes"]  # sharded over the whole world
 
 
 def test_weight_bytes_per_rank_for_the_14b_model():

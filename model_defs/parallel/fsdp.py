@@ -17,7 +17,10 @@ the same module tree and every entry point (``forward``, ``forward_packed``) run
 run every block in the same order (the all-gathers are collective): true of the sequence-parallel patch
 (``sequence.py``: ranks run each block in lockstep on their share of the tokens) and of CFG-parallel ranks (both
 guidance passes run all blocks). A transform that skips blocks on some ranks only would
-hang the world: step caching must decide its skips identically on every rank.
+hang the world: step caching decides its skips identically on every rank (``sequence.py`` reduces its change
+metrics over the ranks). The blocks' first gather happens at sharding time, on one token, calling the blocks
+directly: it does not go through the DiT's forward, so ``shard_blocks`` and ``sequence.parallelize`` apply in either
+order.
 
 Apply after LoRA merging and instead of weight streaming (both rewrite the blocks' parameter tables). There is no
 undo: FSDP2 has no public way back to plain parameters; reload the model instead.

@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ...kernels.attention_lse import attention_lse_ref, attention_varlen_lse_ref
 from ..token_layouts import DenseLayout, Pack, PackedLayout, PackedText
 from .plan import ParallelGroups, shard_size
 from .ring import ring_attention
@@ -55,11 +54,12 @@ def _all_gather(tensor: torch.Tensor, group) -> list[torch.Tensor]:
     return parts
 
 
-def _max_over(value: float, group) -> float:
-    """The largest ``value`` of the ranks of ``group`` (every rank gets the same float)."""
+def _max_over(value: float, group, device: torch.device) -> float:
+    """The largest ``value`` of the ranks of ``group`` (every rank gets the same float); ``device``: where the
+    group's backend takes tensors (NCCL: the GPU)."""
     if _group_size(group) == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, dist.ReduceOp.MAX, group=group)
     return float(tensor)
 
@@ -103,7 +103,7 @@ class _ShardedAttention:
         else:
             new, old = new.flatten(1), old.flatten(1)
             change = (new - old).abs().mean(1) / old.abs().mean(1).clamp_min(1e-12)
-        return _max_over(float(change.max()), self.groups.cfg)
+        return _max_over(float(change.max()), self.groups.cfg, new.device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,7 +164,7 @@ class ShardedDenseLayout(_ShardedAttention):
             return self.base.backend.attention(q_, k_[:, :, : keys(0)], v_[:, :, : keys(0)])
 
         def attend_lse(q_, k_, v_, j):
-            return attention_lse_ref(q_, k_[:, :, : keys(j)], v_[:, :, : keys(j)])
+            return self.base.backend.attention_lse(q_, k_[:, :, : keys(j)], v_[:, :, : keys(j)])
 
         out = self._ring(q, k, v, attend, attend_lse)  # [B,h,c,D]
         return out.unflatten(2, (degree, share)).permute(2, 0, 3, 1, 4)  # [u,B,s,h,D]
@@ -258,8 +258,8 @@ class ShardedPackedLayout(_ShardedAttention):
             return backend.attention_varlen(q_, k_[index], v_[index], self.chunk_cu, cu_k, self.chunk_max, max_k)
 
         def attend_lse(q_, k_, v_, j):
-            index, cu_k, _ = self.chunk_keys[j]
-            return attention_varlen_lse_ref(q_, k_[index], v_[index], self.chunk_cu, cu_k)
+            index, cu_k, max_k = self.chunk_keys[j]
+            return backend.attention_varlen_lse(q_, k_[index], v_[index], self.chunk_cu, cu_k, self.chunk_max, max_k)
 
         out = self._ring(q, k, v, attend, attend_lse)  # [T_c, h, D]
         back = torch.empty_like(out).index_copy_(0, self.chunk_order, out)  # source rank major again
