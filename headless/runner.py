@@ -2,7 +2,8 @@
 the save nodes wrote, one path per line. Every file written carries the pack's provenance (watermark and
 C2PA manifest; ``jobs/provenance``) unless switched off. Usage:
 ``python run_workflow.py WORKFLOW.json [--output-dir DIR] [--input-dir DIR] [--previews DIR]
-[--no-watermark] [--no-c2pa] [--certificate PEM]``."""
+[--no-watermark] [--no-c2pa] [--certificate PEM]``. Under ``torchrun --nproc-per-node N`` every process runs the
+workflow (a Spacetime Multi-GPU node makes them the ranks of its model) and rank 0 alone writes and prints files."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..jobs.parallel import finish_world, writes_files
 from ..jobs.provenance import Provenance, prompt_provenance
 from ..model_defs.hub import HubDownloadError
 from ..nodes import NODE_CLASS_MAPPINGS
@@ -109,9 +111,13 @@ def run_workflow(path: str | Path, output_dir: str | Path, input_dir: str | Path
     output_dir = Path(output_dir)
     results: dict[str, list[list]] = {}  # node id -> its outputs, each a list of values
     written: list[Path] = []
+    writer = writes_files()  # under torchrun every rank runs the workflow; rank 0 alone saves
     for node_id in execution_order(calls):
         call = calls[node_id]
         node_class = types[call.class_type]
+        if not writer and getattr(node_class, "OUTPUT_NODE", False):
+            results[node_id] = [[] for _ in node_class.RETURN_TYPES]  # nothing downstream runs on an empty list
+            continue
         inputs = {
             name: results[value.node_id][value.slot] if isinstance(value, Link) else [value]
             for name, value in call.inputs.items()
@@ -147,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[PREVIEWS_DIR_ENV] = str(Path(args.previews).expanduser())
     try:
         files = run_workflow(args.workflow, args.output_dir, args.input_dir, switches)
+        finish_world()  # under torchrun: every rank done before any leaves the process group
     except (WorkflowError, ValueError) as exc:  # one line, never a traceback: the message names the node and the input
         print(f"error: {exc}", file=sys.stderr)
         return 1

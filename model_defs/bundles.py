@@ -80,6 +80,8 @@ class SpacetimeModel:
     def with_low_noise_expert(self, low_noise: "SpacetimeModel", switch: ExpertSwitch) -> "SpacetimeModel":
         """This model as the high-noise expert of a pair; ValueError naming the input when the two are not
         two different experts of one kind of model."""
+        self._check_local("Spacetime Pair Experts", "high_noise_model")
+        low_noise._check_local("Spacetime Pair Experts", "low_noise_model")
         if self.low_noise is not None or low_noise.low_noise is not None:
             raise ValueError("high_noise_model and low_noise_model must each be one expert, not an already paired model")
         if low_noise.config != self.config or low_noise.latent_format.channels != self.latent_format.channels:
@@ -105,6 +107,7 @@ class SpacetimeModel:
         does not fit fails here; one-line errors. An expert pair is refused: each expert takes its own LoRA."""
         from .lora import AppliedLora, bind_lora
 
+        self._check_local("Spacetime Load LoRA")
         if self.low_noise is not None:
             raise ValueError(
                 f"model {self.name} is already a pair of experts; load the LoRA on each expert before Spacetime Pair "
@@ -117,8 +120,18 @@ class SpacetimeModel:
         """This model with its steps cached by ``settings`` (``step_cache``), replacing any earlier cache setting;
         an expert pair caches each expert (each with its own state and its own coefficients). ``auto`` coefficients
         are resolved here, so a model without any fails now, in one line."""
+        if settings.active and getattr(self.dit, "runs_in_workers", False):
+            raise ValueError(f"model {self.name} runs on Multi-GPU workers, which do not cache steps yet; remove Spacetime "
+                             "Step Cache (or set its threshold to 0)")
         low_noise = None if self.low_noise is None else self.low_noise.with_step_cache(settings)
         return dataclasses.replace(self, low_noise=low_noise, step_cache=settings.resolve(self.preset, self.name))
+
+    def _check_local(self, transform: str, what: str = "model") -> None:
+        """ValueError when this model's DiT runs in worker processes (``runs_in_workers``: Spacetime Multi-GPU),
+        where ``transform`` cannot reach it: it must come before the Multi-GPU node."""
+        if getattr(self.dit, "runs_in_workers", False):
+            raise ValueError(f"{what} {self.name} already runs on Multi-GPU workers, where {transform} cannot reach its DiT; "
+                             f"connect {transform} before Spacetime Multi-GPU")
 
     @property
     def config(self):

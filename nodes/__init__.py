@@ -4,6 +4,7 @@ from .long_video import SpacetimeLongVideo, SpacetimePromptSchedule
 from .lora import SpacetimeLoadLoRA
 from .loaders import SpacetimeCLIPVisionLoader, SpacetimeModelLoader, SpacetimeTextEncoderLoader, SpacetimeVAELoader
 from .packed import SpacetimePackedSampler
+from .parallel import SpacetimeMultiGPU
 from .prompt import SpacetimeExtendPrompt
 from .provenance import SpacetimeSaveVideo, SpacetimeVerify
 from .sampling import SpacetimeEmptyLatentVideo, SpacetimeExpertPair, SpacetimeSampler, SpacetimeTextEncode
@@ -35,6 +36,7 @@ NODE_CLASS_MAPPINGS = {
     "SpacetimeVerify": SpacetimeVerify,
     "SpacetimeExtendPrompt": SpacetimeExtendPrompt,
     "SpacetimeStepCache": SpacetimeStepCache,
+    "SpacetimeMultiGPU": SpacetimeMultiGPU,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -61,4 +63,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SpacetimeVerify": "Spacetime Verify",
     "SpacetimeExtendPrompt": "Spacetime Extend Prompt",
     "SpacetimeStepCache": "Spacetime Step Cache",
+    "SpacetimeMultiGPU": "Spacetime Multi-GPU",
 }
