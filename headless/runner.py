@@ -135,6 +135,18 @@ def run_workflow(path: str | Path, output_dir: str | Path, input_dir: str | Path
     return written
 
 
+def _log_to_stderr() -> None:
+    """The pack's INFO lines on stderr, one message per line (ComfyUI's console shows them; without --verbose the
+    runner's stderr holds progress bars, warnings and errors only)."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package = logging.getLogger(__name__.split(".")[0])
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a ComfyUI workflow with the Spacetime nodes, without ComfyUI.")
     parser.add_argument("workflow", help="workflow .json (UI or API format)")
@@ -146,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--certificate", default="", metavar="PEM",
                         help="sign C2PA manifests with this PEM file (certificate chain and private key); default: a local "
                              "self-signed certificate generated on first use")
+    parser.add_argument("--verbose", action="store_true", help="also print the pack's log lines (what ComfyUI's console shows)")
     args = parser.parse_args(argv)
+    if args.verbose:
+        _log_to_stderr()
     switches = Provenance(watermark=not args.no_watermark, c2pa=not args.no_c2pa, certificate=args.certificate)
     before = os.environ.get(PREVIEWS_DIR_ENV)
     if args.previews:  # read by the progress bars (nodes/comfy_glue.Progress), as ComfyUI shows them in its UI

@@ -7,6 +7,7 @@ import torch
 from ..model_defs.bundles import SpacetimeVAE
 from ..model_defs.vae_tiles import decode_tiled, encode_tiled
 from ..model_defs.wan_vae import ChunkCallback  # on_chunk(done, total) after each chunk; may raise to interrupt
+from .parallel.torchrun import shares_decodes
 
 CPU = torch.device("cpu")
 
@@ -22,10 +23,18 @@ def decode_frames(
             f"got shape {tuple(latent.shape)}"
         )
     with torch.inference_mode():
-        # tiles are blended on the CPU, where the frames go anyway: the device holds one tile's video at a time
-        video = decode_tiled(vae.vae, latent, tile_size, on_chunk=on_chunk, device=device, out_device=CPU)  # [B,3,T,H,W] in -1..1
+        # tiles are blended on the CPU, where the frames go anyway: the device holds one tile's video at a time; in a
+        # torchrun world each rank decodes its share of the tiles (untiled frames: every rank the whole video)
+        decode = _split_decode if shares_decodes() else decode_tiled
+        video = decode(vae.vae, latent, tile_size, on_chunk=on_chunk, device=device, out_device=CPU)  # [B,3,T,H,W] in -1..1
     frames = video.float().add(1).mul(0.5).clamp(0, 1)
     return frames.permute(0, 2, 3, 4, 1).flatten(0, 1).cpu()  # [B*T,H,W,3]
+
+
+def _split_decode(vae, latent: torch.Tensor, tile_size: int, **kwargs) -> torch.Tensor:
+    from ..model_defs.parallel.vae_decode import decode_split
+
+    return decode_split(vae, latent, None, tile_size, **kwargs)
 
 
 def encode_frames(

@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..jobs.parallel.torchrun import writes_files
+
 MODEL_EXTENSIONS = (".safetensors", ".sft")
 MODELS_DIR_ENV = "SPACETIME_MODELS_DIR"
 OUTPUT_DIR_ENV = "SPACETIME_OUTPUT_DIR"
@@ -278,6 +280,8 @@ class Progress:
         if self._bar is not None:
             shown = _comfy_preview(preview) if preview is not None else None
             self._bar.update_absolute(done, self.total, shown)
+            return
+        if not writes_files():  # another rank of a torchrun world: rank 0 shows the progress and writes the previews
             return
         if preview is not None and os.environ.get(PREVIEWS_DIR_ENV):
             self._write_preview(done, preview())

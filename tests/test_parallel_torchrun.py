@@ -1,8 +1,9 @@
 """Headless under torchrun: ``python -m torch.distributed.run --nproc-per-node 2 run_workflow.py`` runs the Multi-GPU
-workflow on two CPU processes (each a rank of the model, no extra workers), rank 0 alone writes and prints, and the video
-is the one a single process makes without the Multi-GPU node."""
+workflow on two CPU processes (each a rank of the model, no extra workers; the tiled VAE decode shared over the ranks),
+rank 0 alone writes and prints, and the video is the one a single process makes without the Multi-GPU node."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ def _small(workflow: dict) -> dict:
             node["widgets_values"][:3] = [32, 32, 5]
         if node["type"] == "SpacetimeSampler":
             node["widgets_values"][2] = 3
+        if node["type"] == "SpacetimeVAEDecode":
+            node["widgets_values"] = [16]  # 16-pixel tiles: under torchrun the ranks share them
     return workflow
 
 
@@ -58,13 +61,15 @@ def test_torchrun_two_ranks_write_the_one_process_video(tmp_path, models_dir):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(ROOT / "run_workflow.py"), str(parallel), "--output-dir", str(tmp_path / "torchrun")],
+         str(ROOT / "run_workflow.py"), str(parallel), "--output-dir", str(tmp_path / "torchrun"), "--verbose"],
         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     printed = [Path(line) for line in done.stdout.split()]
     written = sorted(p for p in (tmp_path / "torchrun").rglob("*") if p.is_file())
     assert [p.suffix for p in printed] == [".mp4", ".webp"] and sorted(printed) == written  # rank 0 alone wrote and printed
+    assert re.search(r"^Spacetime: decoding \d+ tiles over 2 ranks$", done.stderr, re.M)  # the VAE decode was shared too
+    assert done.stderr.count("sampling [") == 3  # rank 0's progress bar alone: 3 steps
     reference = run_workflow(single, tmp_path / "single", tmp_path / "input")
     ours, theirs = _frames(printed[0]), _frames(reference[0])
     assert ours.shape == theirs.shape == (5, 32, 32, 3) and theirs.std() > 1.0

@@ -66,6 +66,14 @@ def parallelize_here(model: SpacetimeModel, devices: tuple[torch.device, ...], d
     return dataclasses.replace(place(model), low_noise=low_noise)
 
 
+def shares_decodes() -> bool:
+    """Whether VAE decodes are shared over the ranks (``vae_decode.decode_split``): in a torchrun world whose process
+    group is up (the Multi-GPU node joined it), every rank decodes its tiles and gets the whole video."""
+    import torch.distributed as dist
+
+    return launched_world() is not None and dist.is_available() and dist.is_initialized()
+
+
 def finish_world() -> None:
     """Leave the process group this process joined (the headless runner calls this at its end)."""
     import torch.distributed as dist

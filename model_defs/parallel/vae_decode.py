@@ -17,6 +17,8 @@ only approximate the serial decode.
 """
 from __future__ import annotations
 
+import logging
+
 import math
 from typing import TYPE_CHECKING
 
@@ -28,9 +30,11 @@ from ..wan_vae import ChunkCallback
 if TYPE_CHECKING:
     from .plan import ParallelGroups
 
+log = logging.getLogger(__name__)
+
 
 def decode_split(
-    vae, latent: torch.Tensor, groups: "ParallelGroups", tile_size: int = 0, overlap: int | None = None,
+    vae, latent: torch.Tensor, groups: "ParallelGroups | None", tile_size: int = 0, overlap: int | None = None,
     on_chunk: ChunkCallback | None = None, clamp: bool = True, device: torch.device | None = None,
     out_device: torch.device | None = None, dst: int | None = None,
 ) -> torch.Tensor | None:
@@ -38,10 +42,10 @@ def decode_split(
     calls it, collectively, with the same latent ``[B,z,T',h,w]`` and arguments) -> video ``[B,3,T,h*sf,w*sf]``
     (fp32 on ``out_device``, default: the latent's, when tiled) on every rank, or on rank ``dst`` only (None on the
     others). The gathered pieces travel on the decode ``device`` (NCCL needs them on the GPU). ``on_chunk(done,
-    total)`` counts this rank's tiles' chunks."""
+    total)`` counts this rank's tiles' chunks. ``groups`` None: the whole default process group (a torchrun world)."""
     import torch.distributed as dist
 
-    group = groups.world
+    group = dist.group.WORLD if groups is None else groups.world
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < world):
         raise ValueError(f"dst={dst!r} is not allowed; allowed: None (every rank) or a rank from 0 to {world - 1}")
@@ -50,6 +54,8 @@ def decode_split(
         return run(latent, on_chunk) if dst in (None, rank) else None
     sf = vae.config.spatial_factor
     mine = range(rank, len(grid), world)
+    if rank == 0:
+        log.info("Spacetime: decoding %d tiles over %d ranks", len(grid), world)
     per_rank = math.ceil(len(grid) / world)
     stack = None  # [per_rank, B, 3, T, th, tw]: this rank's pieces, zero past its last one
     for index, number in enumerate(mine):
