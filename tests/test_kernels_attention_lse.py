@@ -22,6 +22,14 @@ def _qkv(batch, heads, queries, keys, head_dim=12, seed=0):
             torch.randn(batch, heads, keys, head_dim, generator=g))
 
 
+def _packed(q_lengths, k_lengths, head_dim, seed):
+    """Packed q ``[Tq,2,D]``, k/v ``[Tk,2,D]`` of sequences of these lengths and their cumulative lengths."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(sum(n), 2, head_dim, generator=g) for n in (q_lengths, k_lengths, k_lengths))
+    cumulative = lambda lengths: torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
+    return q, k, v, cumulative(q_lengths), cumulative(k_lengths)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_output_is_sdpa_and_lse_is_the_logsumexp_of_the_scaled_scores(dtype, monkeypatch):
     monkeypatch.setattr(attention_lse, "SCORE_ELEMENTS", 2 * 3 * 11 * 7)  # blocks of 7 query rows, the last one ragged
@@ -51,11 +59,7 @@ def test_no_keys_gives_zero_and_minus_infinity_and_merging_two_such_stays_finite
 
 
 def test_varlen_is_each_sequence_alone_with_sequences_lacking_keys_or_queries():
-    g = torch.Generator().manual_seed(3)
-    q_lengths, k_lengths = [5, 0, 3, 4], [6, 2, 0, 1]
-    q, k, v = (torch.randn(sum(n), 2, 8, generator=g) for n in (q_lengths, k_lengths, k_lengths))
-    cu_q = torch.tensor([0, 5, 5, 8, 12], dtype=torch.int32)
-    cu_k = torch.tensor([0, 6, 8, 8, 9], dtype=torch.int32)
+    q, k, v, cu_q, cu_k = _packed([5, 0, 3, 4], [6, 2, 0, 1], head_dim=8, seed=3)
     out, lse = attention_varlen_lse_ref(q, k, v, cu_q, cu_k)
     assert out.shape == (12, 2, 8) and lse.shape == (12, 2)
     for i in range(4):
@@ -98,11 +102,7 @@ def test_triton_kernel_stores_the_log_sum_exp_of_every_row(monkeypatch):
 
 
 def test_triton_varlen_kernel_handles_sequences_without_keys_or_queries():
-    g = torch.Generator().manual_seed(5)
-    q_lengths, k_lengths = [5, 0, 17, 4], [6, 2, 0, 18]
-    q, k, v = (torch.randn(sum(n), 2, 64, generator=g) for n in (q_lengths, k_lengths, k_lengths))
-    cu_q = torch.tensor([0, 5, 5, 22, 26], dtype=torch.int32)
-    cu_k = torch.tensor([0, 6, 8, 8, 26], dtype=torch.int32)
+    q, k, v, cu_q, cu_k = _packed([5, 0, 17, 4], [6, 2, 0, 18], head_dim=64, seed=5)
     out, lse = attention_lse.attention_varlen_lse(q, k, v, cu_q, cu_k, 17, 18)
     ref_out, ref_lse = attention_varlen_lse_ref(q, k, v, cu_q, cu_k)
     assert torch.isneginf(lse[5:22]).all() and torch.equal(out[5:22], torch.zeros_like(out[5:22]))  # no keys
