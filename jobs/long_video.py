@@ -192,13 +192,13 @@ def _latent_chain(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, see
                   on_chunk: ChunkDone | None) -> torch.Tensor:
     """The raw latent ``[1,C,F,h,w]`` of the chain (``F >= plan.latent_frames``: the last chunk is whole). Chunk
     ``i`` starts from the noise of its seed, its known frames' noise replaced by the previous chunk's noise there
-    (they are re-noised as that chunk saw them on their way) and its new frames' noise correlated with the previous
+    (they are re-noised as that chunk saw them on their way) and its new frames' noise correlated with the first
     chunk's (``rescheduled_noise``, the shuffle seeded by the chunk's seed)."""
     size, kept = plan.chunk_latents, plan.overlap_latents
     step = size - kept
     shape = (1, vae.latent_channels, size, plan.height // vae.spatial_factor, plan.width // vae.spatial_factor)
     latent = torch.zeros(1, shape[1], size + (plan.chunks - 1) * step, *shape[3:])
-    noise = None  # the initial noise of the chunk before, [1,C,size,h,w]
+    noise = shuffled = None  # the chunk before's initial noise and its unmixed shuffles, [1,C,size,h,w]
     for index in range(plan.chunks):
         start = index * step
         known = None
@@ -209,10 +209,11 @@ def _latent_chain(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, see
         chunk_seed = (seed + index) % 2**64
         drawn = NoiseStream(shape, chunk_seed)()  # the chunk's own noise, as the sampler draws it
         if noise is None:
-            noise = drawn
+            noise = shuffled = drawn
         else:
             generator = torch.Generator(device="cpu").manual_seed(chunk_seed)
-            new = rescheduled_noise(noise[:, :, :step], drawn[:, :, kept:], generator)
+            new_shuffled, new = rescheduled_noise(shuffled[:, :, :step], drawn[:, :, kept:], generator)
+            shuffled = torch.cat([shuffled[:, :, step:], new_shuffled], dim=2)
             noise = torch.cat([noise[:, :, step:], new], dim=2)
         sampled = sampler.sample(shape, chunk_seed, velocity_of, known, noise)
         new_from = 0 if index == 0 else kept  # the known frames stay the previous chunk's own latents, bit for bit

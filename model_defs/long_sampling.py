@@ -11,7 +11,8 @@ noise rescheduling"): windows started from independent noise each draw their own
 blend switches between them; so the noise of every frame after the first window is a seeded shuffle of the noise
 frames one window earlier (each window then starts from a reordering of the first window's noise and the windows
 agree on what the video shows), mixed with a share of fresh noise so that the video still moves
-(``FREENOISE_CORRELATION``). The chain draws each chunk's new frames the same way from the chunk before.
+(``FREENOISE_CORRELATION``); the shuffles are of the unmixed frames, so every frame keeps that correlation with the
+first window however long the video. The chain draws each chunk's new frames the same way from the chunk before.
 
 Per-frame prompt mix (a prompt schedule): several prompts condition one DiT call's frames with weights that sum to
 one per latent frame; the guided velocity is ``v_neg + cfg * (sum_p w_p * v_p - v_neg)`` (one negative pass, one
@@ -49,28 +50,31 @@ def window_spans(frames: int, window: int, overlap: int) -> list[tuple[int, int]
 
 
 def rescheduled_noise(earlier: torch.Tensor, fresh: torch.Tensor, generator: torch.Generator,
-                      correlation: float = FREENOISE_CORRELATION) -> torch.Tensor:
-    """The initial noise ``[B,C,n,h,w]`` of ``n = fresh.shape[2]`` new frames: ``correlation`` times a shuffle (drawn
-    from ``generator``, on the CPU) of the first ``n`` of a random order of the frames ``earlier`` ``[B,C,s,h,w]``
-    (``s >= n``: the frames one window before them), plus ``sqrt(1 - correlation**2)`` times ``fresh``; unit
-    variance like both."""
+                      correlation: float = FREENOISE_CORRELATION) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(shuffled, noise)`` of ``n = fresh.shape[2]`` new frames ``[B,C,n,h,w]``: ``shuffled`` the first ``n`` of a
+    random order (drawn from ``generator``, on the CPU) of the frames ``earlier`` ``[B,C,s,h,w]`` (``s >= n``: the
+    shuffled frames one window before them, so they are frames of the first window's noise however far on), and the
+    initial noise ``correlation * shuffled + sqrt(1 - correlation**2) * fresh``: unit variance, and correlated with
+    the first window by ``correlation`` at any length (mixing the previous mix instead would decay it geometrically)."""
     order = torch.randperm(earlier.shape[2], generator=generator)[: fresh.shape[2]].to(earlier.device)
-    return correlation * earlier[:, :, order] + math.sqrt(1.0 - correlation**2) * fresh
+    shuffled = earlier[:, :, order]
+    return shuffled, correlation * shuffled + math.sqrt(1.0 - correlation**2) * fresh
 
 
 def freenoise(noise: torch.Tensor, window: int, overlap: int, seed: int,
               correlation: float = FREENOISE_CORRELATION) -> torch.Tensor:
     """``noise`` ``[B,C,F,h,w]`` rescheduled for windows of ``window`` frames on a stride ``window - overlap``: its
-    first ``window`` frames kept, each later run of ``stride`` frames made by ``rescheduled_noise`` from the
-    ``stride`` frames one window earlier (already rescheduled) and its own frames of ``noise`` as the fresh part;
-    the shuffles seeded by ``seed``. As FreeNoise does, with fresh noise mixed in (module docstring)."""
+    first ``window`` frames kept, each later run of ``stride`` frames made by ``rescheduled_noise`` from the shuffled
+    frames one window earlier and its own frames of ``noise`` as the fresh part; the shuffles seeded by ``seed``. As
+    FreeNoise does (``correlation`` 1), with fresh noise mixed in (module docstring)."""
     frames, stride = noise.shape[2], window - overlap
-    out = noise.clone()
+    shuffled, out = noise.clone(), noise.clone()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     for start in range(window, frames, stride):
         count = min(stride, frames - start)
-        earlier = out[:, :, start - window: start - window + stride]
-        out[:, :, start: start + count] = rescheduled_noise(earlier, noise[:, :, start: start + count], generator, correlation)
+        earlier = shuffled[:, :, start - window: start - window + stride]
+        new_shuffled, new = rescheduled_noise(earlier, noise[:, :, start: start + count], generator, correlation)
+        shuffled[:, :, start: start + count], out[:, :, start: start + count] = new_shuffled, new
     return out
 
 

@@ -130,7 +130,7 @@ def test_latent_chain_holds_the_previous_chunks_latents_and_decodes_once(monkeyp
 
 def test_chain_and_windows_start_from_correlated_noise(monkeypatch, tiny_model, tiny_vae):
     """Chunk i of the chain starts from its seed's noise with the previous chunk's noise at its known frames (so they
-    are re-noised as that chunk saw them) and new frames correlated with the previous chunk's (FreeNoise's shuffle);
+    are re-noised as that chunk saw them) and new frames correlated with the first chunk's (FreeNoise's shuffle);
     the windows start from the whole latent's noise rescheduled so (``freenoise``)."""
     runs, _ = _spy_sampling(monkeypatch)
     SpacetimeLongVideo().generate(tiny_model, tiny_vae, _text(0), _text(1), 64, 64, 34, 17, 5, 7, 1, 3.0, 3.0, "unipc", 1.0,
@@ -138,12 +138,14 @@ def test_chain_and_windows_start_from_correlated_noise(monkeypatch, tiny_model, 
     shape = (1, 16, 5, 8, 8)
     noises = [noise for *_, noise in runs]
     torch.testing.assert_close(noises[0], NoiseStream(shape, 7)(), rtol=0, atol=0)  # the first chunk: text to video
+    shuffled = noises[0]
     for before, noise, seed in zip(noises, noises[1:], (8, 9)):
         torch.testing.assert_close(noise[:, :, :2], before[:, :, 3:], rtol=0, atol=0)
         own = NoiseStream(shape, seed)()
-        new = rescheduled_noise(before[:, :, :3], own[:, :, 2:], torch.Generator().manual_seed(seed))
+        new_shuffled, new = rescheduled_noise(shuffled[:, :, :3], own[:, :, 2:], torch.Generator().manual_seed(seed))
         torch.testing.assert_close(noise[:, :, 2:], new, rtol=0, atol=0)
         assert not torch.equal(noise[:, :, 2:], own[:, :, 2:])
+        shuffled = torch.cat([shuffled[:, :, 3:], new_shuffled], dim=2)
     runs.clear()
     SpacetimeLongVideo().generate(tiny_model, tiny_vae, _text(0), _text(1), 64, 64, 45, 17, 5, 3, 1, 3.0, 3.0, "unipc", 1.0,
                                   "context windows")

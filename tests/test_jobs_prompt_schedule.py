@@ -129,14 +129,25 @@ def test_freenoise_repeats_shuffled_earlier_frames(frames):
 def test_rescheduled_noise_mixes_a_shuffle_with_fresh_noise_at_unit_variance():
     earlier, fresh = torch.randn(1, 16, 3, 32, 32), torch.randn(1, 16, 2, 32, 32)
     order = torch.randperm(3, generator=torch.Generator().manual_seed(9))[:2]
-    out = rescheduled_noise(earlier, fresh, torch.Generator().manual_seed(9), correlation=0.6)
+    shuffled, out = rescheduled_noise(earlier, fresh, torch.Generator().manual_seed(9), correlation=0.6)
+    torch.testing.assert_close(shuffled, earlier[:, :, order], rtol=0, atol=0)
     torch.testing.assert_close(out, 0.6 * earlier[:, :, order] + 0.8 * fresh)
     assert out.std().item() == pytest.approx(1.0, abs=0.03)
-    torch.testing.assert_close(rescheduled_noise(earlier, fresh, torch.Generator().manual_seed(9), correlation=0.0), fresh)
+    torch.testing.assert_close(rescheduled_noise(earlier, fresh, torch.Generator().manual_seed(9), correlation=0.0)[1], fresh)
     # with the shipped share, each new frame is correlated with its source and not with the other earlier frames
-    out = rescheduled_noise(earlier, fresh, torch.Generator().manual_seed(9))
+    _, out = rescheduled_noise(earlier, fresh, torch.Generator().manual_seed(9))
     corr = torch.corrcoef(torch.stack([out[0, :, 0].flatten(), earlier[0, :, order[0]].flatten(), fresh[0, :, 0].flatten()]))
     assert corr[0, 1] > 0.75 and 0.4 < corr[0, 2] < 0.8
+
+
+def test_freenoise_keeps_its_correlation_with_the_first_window_however_long():
+    # the shuffles are of unmixed frames: 40 windows on, each frame is still 0.8 one of the first window's frames
+    noise = torch.randn(1, 16, 125, 16, 16)
+    out = freenoise(noise, 5, 2, seed=1)
+    first = out[0, :, :5].transpose(0, 1).reshape(5, -1)
+    for frame in (7, 60, 124):
+        best = max(float(torch.corrcoef(torch.stack([out[0, :, frame].flatten(), f]))[0, 1]) for f in first)
+        assert best == pytest.approx(0.8, abs=0.05)
 
 
 def _linear_model(x, t, context):
