@@ -12,7 +12,8 @@ blend switches between them; so the noise of every frame after the first window 
 frames one window earlier (each window then starts from a reordering of the first window's noise and the windows
 agree on what the video shows), mixed with a share of fresh noise so that the video still moves
 (``FREENOISE_CORRELATION``); the shuffles are of the unmixed frames, so every frame keeps that correlation with the
-first window however long the video. The chain draws each chunk's new frames the same way from the chunk before.
+first window however long the video. The chain draws each chunk's new frames the same way, from the shuffles of the
+chunk before.
 
 Per-frame prompt mix (a prompt schedule): several prompts condition one DiT call's frames with weights that sum to
 one per latent frame; the guided velocity is ``v_neg + cfg * (sum_p w_p * v_p - v_neg)`` (one negative pass, one
@@ -31,10 +32,10 @@ from .flow_matching import VelocityFn, guided_velocity
 # model_fn(x [B,C,F,h,w], timesteps [B] or [B,F], context [B,L,D]) -> velocity like x
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-# The share of a later frame's noise that is the shuffled earlier noise (the rest is fresh, so variance stays 1).
-# Measured on the built-in model (BENCHMARKS.md, "Long-video drift"): 1.0 (FreeNoise as published) keeps the look
-# but freezes the motion (the story workflow shows 2 of its 4 motions); 0.8 keeps the look and 3 of 4 motions;
-# 0.5 lets the look wander more and the joins show (seams 1.55).
+# The share of a later frame's noise that is the shuffled first-window noise (the rest is fresh, so variance stays 1).
+# Measured on the built-in model (BENCHMARKS.md, "Long-video drift", 4 s, seed 0): 1.0 (FreeNoise as published) keeps
+# the look but freezes the motion (the story's segments read "still"); 0.8 keeps the look (identity 1.00, seams 1.26)
+# and some motion; 0.5 lets the joins show (seams 1.55). Stories that need each segment's motion use the latent chain.
 FREENOISE_CORRELATION = 0.8
 
 
