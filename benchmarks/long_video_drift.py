@@ -1,7 +1,8 @@
 """Long-video drift on the built-in model: does a minute keep its look? The three modes of Spacetime Long Video
 (pixel chain = the baseline, latent chain, context windows) with the same prompt and seed.
 
-Usage: python benchmarks/long_video_drift.py [--seconds 60] [--steps 10] [--threads 2] [--out DIR]
+Usage: python benchmarks/long_video_drift.py [--seconds 60] [--steps 10] [--threads 2] [--seed 0] [--prompt TEXT]
+                                            [--modes baseline,latent,windows] [--out DIR]
 Each mode runs in a fresh process (peak RSS is per process) through the node; the video is cut into the chain's
 chunks (17 frames, then 12 new ones each) for every mode. Per chunk:
 - drift: distance of its mean colour and contrast from the first chunk's, sqrt(|d mean RGB|^2 + d contrast^2)
@@ -14,7 +15,8 @@ chunks (17 frames, then 12 new ones each) for every mode. Per chunk:
   a latent frame). ``seams/all`` compares with every within-chunk step instead.
 Writes one contact sheet PNG per mode (the middle frame of every chunk, in a grid) to --out. The last line is
 ``drift: baseline=X latent=Y windows=Z identity=I seams=S``, identity the lowest and seams the largest over the
-modes shipped for use (latent chain, context windows).
+modes shipped for use (latent chain, context windows); the line before it gives the default mode's own
+(the node's default). With ``--modes`` a subset runs (other seeds and prompts) and the last line is left out.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ MODES = {"baseline": "pixel chain", "latent": "latent chain", "windows": "contex
 PROMPT = "a red circle drifts to the left over a grey background"
 CHUNK, OVERLAP = 17, 5
 TEMPORAL_FACTOR = 4  # the built-in VAE's: pixel frame 1 + 4k starts a latent frame
+
+SHIPPED = ("latent", "windows")  # the modes offered for use (the baseline aside)
 
 CHILD = r"""
 import json, resource, sys, time
@@ -119,22 +123,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--modes", default=",".join(MODES), help="a comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--out", default="/tmp/spacetime_long_video_drift", help="where the contact sheets go")
     args = parser.parse_args()
+    keys = args.modes.split(",")
+    if not set(keys) <= set(MODES):
+        parser.error(f"--modes {args.modes!r}: each must be one of {list(MODES)}")
     from spacetime_bootstrap import load_package
 
-    load_package()  # for the detector
+    load_package()  # for the detector and the node's default mode
+    from comfyui_spacetime.jobs.long_video import MODES as NODE_MODES
+
+    default = next(key for key, mode in MODES.items() if mode == NODE_MODES[0])
     frames = 1 + int(round(args.seconds * 16))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"Long-video drift, built-in model, 64x64, {frames} frames ({args.seconds:g} s at 16 fps), chunks of {CHUNK} "
-          f"overlapping by {OVERLAP}, {args.steps} UniPC steps, seed {args.seed}, {args.threads} CPU threads; '{PROMPT}'")
+          f"overlapping by {OVERLAP}, {args.steps} UniPC steps, seed {args.seed}, {args.threads} CPU threads; '{args.prompt}'")
     print(f"{'mode':>16} {'chunks':>6} {'drift':>7} {'max':>7} {'identity':>8} {'seams':>6} {'s/all':>6} {'steps':>6} {'seconds':>8} {'peak MB':>8} "
           f"{'above MB':>9} {'output MB':>9}  first chunk")
     results = {}
-    for key, mode in MODES.items():
+    for key in keys:
+        mode = MODES[key]
         path = out / f"{key}.npy"
-        child = subprocess.run([sys.executable, "-c", f"PROMPT, CHUNK, OVERLAP = {PROMPT!r}, {CHUNK}, {OVERLAP}\n" + CHILD,
+        child = subprocess.run([sys.executable, "-c", f"PROMPT, CHUNK, OVERLAP = {args.prompt!r}, {CHUNK}, {OVERLAP}\n" + CHILD,
                                 str(ROOT), mode, str(frames), str(args.steps), str(args.threads), str(args.seed), str(path)],
                                capture_output=True, text=True)
         if child.returncode:
@@ -151,11 +164,15 @@ def main() -> None:
     print("drift per chunk, every 10th:")
     for key, row in results.items():
         print(f"  {key:>8}: " + " ".join(f"{d:.3f}" for d in row["drift_curve"][::10]))
-    print(f"contact sheets: {out}/contact_{{{','.join(MODES)}}}.png")
-    shipped = ("latent", "windows")
+    print(f"contact sheets: {out}/contact_{{{','.join(keys)}}}.png")
+    if default in results:
+        row = results[default]
+        print(f"default ({MODES[default]}): drift={row['drift']:.4f} identity={row['identity']:.2f} seams={row['seams']:.2f}")
+    if set(keys) != set(MODES):
+        return
     print(f"drift: baseline={results['baseline']['drift']:.4f} latent={results['latent']['drift']:.4f} "
-          f"windows={results['windows']['drift']:.4f} identity={min(results[k]['identity'] for k in shipped):.2f} "
-          f"seams={max(results[k]['seams'] for k in shipped):.2f}")
+          f"windows={results['windows']['drift']:.4f} identity={min(results[k]['identity'] for k in SHIPPED):.2f} "
+          f"seams={max(results[k]['seams'] for k in SHIPPED):.2f}")
 
 
 if __name__ == "__main__":

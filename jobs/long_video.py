@@ -1,19 +1,23 @@
 """Videos longer than the model's trained length, in one of three modes (``MODES``).
 
-- **latent chain** (default): chunks of ``chunk_frames`` chained in latent space. The first chunk is plain text to
+- **context windows** (default): the whole latent is one sample; every step runs the DiT on overlapping windows of
+  ``chunk_frames`` and blends their velocities (``long_sampling``), so no window is fixed before its neighbours
+  see it; one seed for the whole video, its noise rescheduled as FreeNoise does (``freenoise``: every window starts
+  from a shuffle of the noise one window earlier, mixed with fresh noise), so the windows agree on the look.
+- **latent chain**: chunks of ``chunk_frames`` chained in latent space. The first chunk is plain text to
   video; each later one holds the previous chunk's last ``overlap`` frames' latents as known latent frames
   (``known_frames``, no decode/encode round trip) and adds ``chunk_frames - overlap`` new frames, with the next
-  seed. The whole latent sequence (small: 1/48 of the pixels for Wan 2.1) is decoded once at the end through the
-  causal VAE's temporal streaming, so joins are seamless in pixels too.
-- **context windows**: the whole latent is one sample; every step runs the DiT on overlapping windows of
-  ``chunk_frames`` and blends their velocities (``long_sampling``), so no window is fixed before its neighbours
-  see it; one seed for the whole video.
+  seed (its known frames re-noised with the noise the previous chunk had there, its new frames' noise correlated
+  with the previous chunk's). The whole latent sequence (small: 1/48 of the pixels for Wan 2.1) is decoded once at
+  the end through the causal VAE's temporal streaming, so joins are seamless in pixels too.
 - **pixel chain**: each chunk's tail decoded to pixels and encoded again as a forward extension (``video_prompts``):
   the drift baseline (the round trip through the VAE shifts colour and contrast a little per chunk).
 In every mode only one chunk (or window) is ever in the DiT; the output frames are the only thing that grows with
 the length (and, in the latent modes, the latent, 1/48 of them). Each chunk or window is conditioned on the prompts
 of its time (``prompt_schedule``), mixed per latent frame across a change. Source: the Sora report's "extending
-generated videos" and its one-minute videos; context windows as AnimateDiff / ComfyUI context options do them.
+generated videos" and its one-minute videos; context windows as AnimateDiff / ComfyUI context options do them; the
+noise as FreeNoise (Qiu et al. 2023) reschedules it. Which mode is the default is measured (BENCHMARKS.md, "Long-video
+drift"): on the built-in model the windows keep the look and hide the joins, the chains do not.
 """
 from __future__ import annotations
 
@@ -26,14 +30,14 @@ import torch
 from ..model_defs.bundles import SpacetimeConditioning, SpacetimeModel, SpacetimeVAE
 from ..model_defs.flow_matching import NoiseStream, SolverSettings
 from ..model_defs.known_frames import KnownLatents
-from ..model_defs.long_sampling import prompt_mix_velocity, window_spans, window_weights, windowed_velocity
+from ..model_defs.long_sampling import freenoise, prompt_mix_velocity, rescheduled_noise, window_spans, window_weights, windowed_velocity
 from ..model_defs.sizes import SizeRules, describe_allowed
 from .prompt_schedule import EncodedSchedule
 from .text_to_video import ModuleUse, run_sampler
 from .vae_frames import decode_frames
 from .video_prompts import extend_video
 
-MODES = ("latent chain", "context windows", "pixel chain")
+MODES = ("context windows", "latent chain", "pixel chain")  # the first is the default
 
 # (chunk index, chunks) after each chunk, and (step, steps, x0 estimate) within one
 ChunkDone = Callable[[int, int], None]
@@ -168,14 +172,17 @@ class _Sampler:
         """``velocity_of(dit, cfg)`` of a latent whose frames take the prompt ``weights`` ``[prompts, F]``."""
         return lambda dit, cfg: prompt_mix_velocity(dit, self.contexts, weights.to(self.device), self.negative_context, cfg)
 
-    def sample(self, shape: tuple[int, ...], seed: int, velocity_of, known: KnownLatents | None = None) -> torch.Tensor:
-        """Raw latents ``shape`` ``[1,C,F,h,w]`` from the noise of ``seed``, holding ``known`` frames; as ``generate``
-        does for text to video (the same noise, start and guide), with the given velocities."""
+    def sample(self, shape: tuple[int, ...], seed: int, velocity_of, known: KnownLatents | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw latents ``shape`` ``[1,C,F,h,w]`` from the noise of ``seed`` (or the given initial ``noise``; an "lcm"
+        step's fresh noise is still the seed's), holding ``known`` frames; as ``generate`` does for text to video (the
+        same noise, start and guide), with the given velocities."""
         self.model.check_latent(shape)
         normalize = self.model.latent_format.normalize
         x0_start = normalize(torch.zeros(shape)).to(self.device)
         noise_stream = NoiseStream(shape, seed)  # the initial noise, then an "lcm" step's fresh noise per call
-        noise = noise_stream().to(self.device)
+        drawn = noise_stream()
+        noise = (drawn if noise is None else noise).to(self.device)
         guide = None if known is None else known.guide(normalize, noise, self.model.holds_known_frames_clean)
         return run_sampler(self.model, velocity_of, x0_start, noise, self.settings, self.on_step, guide, self.use,
                            renoise=lambda: noise_stream().to(self.device))
@@ -183,11 +190,15 @@ class _Sampler:
 
 def _latent_chain(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, seed: int, strength: float,
                   on_chunk: ChunkDone | None) -> torch.Tensor:
-    """The raw latent ``[1,C,F,h,w]`` of the chain (``F >= plan.latent_frames``: the last chunk is whole)."""
+    """The raw latent ``[1,C,F,h,w]`` of the chain (``F >= plan.latent_frames``: the last chunk is whole). Chunk
+    ``i`` starts from the noise of its seed, its known frames' noise replaced by the previous chunk's noise there
+    (they are re-noised as that chunk saw them on their way) and its new frames' noise correlated with the first
+    chunk's (``rescheduled_noise``, the shuffle seeded by the chunk's seed)."""
     size, kept = plan.chunk_latents, plan.overlap_latents
     step = size - kept
     shape = (1, vae.latent_channels, size, plan.height // vae.spatial_factor, plan.width // vae.spatial_factor)
     latent = torch.zeros(1, shape[1], size + (plan.chunks - 1) * step, *shape[3:])
+    noise = shuffled = None  # the chunk before's initial noise and its unmixed shuffles, [1,C,size,h,w]
     for index in range(plan.chunks):
         start = index * step
         known = None
@@ -195,7 +206,16 @@ def _latent_chain(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, see
             known = KnownLatents(latent[:, :, start: start + kept].clone(), tuple(range(kept)), (strength,) * kept,
                                  tuple(shape[1:]), (plan.chunk_frames, plan.height, plan.width))
         velocity_of = sampler.velocity_of(sampler.weights(start, size))
-        sampled = sampler.sample(shape, (seed + index) % 2**64, velocity_of, known)
+        chunk_seed = (seed + index) % 2**64
+        drawn = NoiseStream(shape, chunk_seed)()  # the chunk's own noise, as the sampler draws it
+        if noise is None:
+            noise = shuffled = drawn
+        else:
+            generator = torch.Generator(device="cpu").manual_seed(chunk_seed)
+            new_shuffled, new = rescheduled_noise(shuffled[:, :, :step], drawn[:, :, kept:], generator)
+            shuffled = torch.cat([shuffled[:, :, step:], new_shuffled], dim=2)
+            noise = torch.cat([noise[:, :, step:], new], dim=2)
+        sampled = sampler.sample(shape, chunk_seed, velocity_of, known, noise)
         new_from = 0 if index == 0 else kept  # the known frames stay the previous chunk's own latents, bit for bit
         latent[:, :, start + new_from: start + size] = sampled[:, :, new_from:]
         if on_chunk is not None:
@@ -204,7 +224,8 @@ def _latent_chain(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, see
 
 
 def _context_windows(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, seed: int) -> torch.Tensor:
-    """The raw latent ``[1,C,plan.latent_frames,h,w]``, all windows denoised together at every step."""
+    """The raw latent ``[1,C,plan.latent_frames,h,w]``, all windows denoised together at every step from
+    FreeNoise-rescheduled noise (``freenoise``: the windows start from correlated noise and agree on the look)."""
     spans = plan.windows
     blend = window_weights(spans, plan.latent_frames)
     shape = (1, vae.latent_channels, plan.latent_frames, plan.height // vae.spatial_factor, plan.width // vae.spatial_factor)
@@ -213,7 +234,8 @@ def _context_windows(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, 
     def velocity_of(dit, cfg):
         return windowed_velocity(lambda i: sampler.velocity_of(per_window[i])(dit, cfg), spans, blend)
 
-    return sampler.sample(shape, seed, velocity_of)
+    noise = freenoise(NoiseStream(shape, seed)(), plan.chunk_latents, plan.overlap_latents, seed)
+    return sampler.sample(shape, seed, velocity_of, noise=noise)
 
 
 def _pixel_chain(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, seed: int, strength: float,

@@ -1,4 +1,4 @@
-"""Long video: text to video beyond the model's trained length (latent chain, context windows or pixel chain),
+"""Long video: text to video beyond the model's trained length (context windows, latent chain or pixel chain),
 told by one prompt or a prompt schedule."""
 from __future__ import annotations
 
@@ -62,13 +62,14 @@ class SpacetimePromptSchedule:
 
 class SpacetimeLongVideo:
     DESCRIPTION = (
-        "Generates a video of any length from chunks of chunk_frames that share `overlap` frames. mode: 'latent "
-        "chain' (default) continues each chunk from the last one's latents and decodes once at the end (no drift "
-        "from VAE round trips); 'context windows' denoises overlapping windows together at every step (smoothest "
-        "joins, one seed); 'pixel chain' re-encodes each chunk's decoded tail (the old way, kept as a baseline). "
-        "Memory is that of one chunk whatever the length; only the output frames grow. frames may be any count "
-        "(961 = 1 minute at 16 fps). Connect a Spacetime Prompt Schedule to tell a story; `positive` is used "
-        "where none is connected."
+        "Generates a video of any length from chunks of chunk_frames that share `overlap` frames. mode: 'context "
+        "windows' (default) denoises overlapping windows together at every step from correlated (FreeNoise) noise: one "
+        "look for the whole video, joins that do not show, calmer motion; 'latent chain' continues each chunk from the "
+        "last one's latents and decodes once at the end (more motion per chunk, for stories whose segments must each "
+        "move; on models that follow known frames loosely the look can change at the first joins); 'pixel chain' "
+        "re-encodes each chunk's decoded tail (the old way, kept as a baseline). Memory is that of one chunk whatever "
+        "the length; only the output frames grow. frames may be any count (961 = 1 minute at 16 fps). Connect a "
+        "Spacetime Prompt Schedule to tell a story; `positive` is used where none is connected."
     )
     CATEGORY = "spacetime/sampling"
     RETURN_TYPES = ("IMAGE",)
@@ -90,7 +91,7 @@ class SpacetimeLongVideo:
                 "seed": SEED,
                 **SOLVER_WIDGETS,
                 "strength": STRENGTH,
-                "mode": (list(MODES), {"default": MODES[0], "tooltip": "latent chain: no drift, decoded once; context windows: all windows denoised together; pixel chain: the old re-encoding chain (drifts)."}),
+                "mode": (list(MODES), {"default": MODES[0], "tooltip": "context windows: one look, hidden joins, calmer motion; latent chain: chunk after chunk, more motion per segment, decoded once; pixel chain: the old re-encoding chain (drifts)."}),
             },
             "optional": {
                 "schedule": (PROMPT_SCHEDULE, {"tooltip": "Prompts with start times (Spacetime Prompt Schedule); replaces `positive`."}),

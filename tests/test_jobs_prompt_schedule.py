@@ -7,7 +7,9 @@ import torch
 from comfyui_spacetime.jobs.long_video import plan_long_video
 from comfyui_spacetime.jobs.prompt_schedule import parse_schedule
 from comfyui_spacetime.model_defs.flow_matching import guided_velocity
-from comfyui_spacetime.model_defs.long_sampling import prompt_mix_velocity, window_spans, window_weights, windowed_velocity
+from comfyui_spacetime.model_defs.long_sampling import (
+    freenoise, prompt_mix_velocity, rescheduled_noise, window_spans, window_weights, windowed_velocity,
+)
 from comfyui_spacetime.model_defs.sizes import SizeRules
 from comfyui_spacetime.nodes.long_video import SpacetimeLongVideo, SpacetimePromptSchedule
 
@@ -108,6 +110,46 @@ def test_windowed_velocity_blends_each_windows_own_velocity():
     assert windowed_velocity(lambda i: single, [(0, 12)], window_weights([(0, 12)], 12)) is single
 
 
+@pytest.mark.parametrize("frames", [5, 7, 12, 13])
+def test_freenoise_repeats_shuffled_earlier_frames(frames):
+    noise = torch.randn(1, 2, frames, 3, 3)
+    # correlation 1 (FreeNoise as published): the first window is the noise's own; every later run of stride = 3
+    # frames is a reordering of the 3 frames one window (5) earlier, so each window holds the first window's frames
+    out = freenoise(noise, 5, 2, seed=4, correlation=1.0)
+    torch.testing.assert_close(out[:, :, :5], noise[:, :, :5], rtol=0, atol=0)
+    for start in range(5, frames, 3):
+        run = out[:, :, start: min(start + 3, frames)]
+        earlier = [out[:, :, j] for j in range(start - 5, start - 2)]
+        for k in range(run.shape[2]):
+            assert sum(torch.equal(run[:, :, k], e) for e in earlier) == 1
+        assert len({tuple(run[0, 0, k].flatten().tolist()) for k in range(run.shape[2])}) == run.shape[2]  # no frame twice
+    assert torch.equal(freenoise(noise, 5, 2, seed=4, correlation=1.0), out)  # the seed fixes the shuffles
+
+
+def test_rescheduled_noise_mixes_a_shuffle_with_fresh_noise_at_unit_variance():
+    earlier, fresh = torch.randn(1, 16, 3, 32, 32), torch.randn(1, 16, 2, 32, 32)
+    order = torch.randperm(3, generator=torch.Generator().manual_seed(9))[:2]
+    shuffled, out = rescheduled_noise(earlier, fresh, torch.Generator().manual_seed(9), correlation=0.6)
+    torch.testing.assert_close(shuffled, earlier[:, :, order], rtol=0, atol=0)
+    torch.testing.assert_close(out, 0.6 * earlier[:, :, order] + 0.8 * fresh)
+    assert out.std().item() == pytest.approx(1.0, abs=0.03)
+    torch.testing.assert_close(rescheduled_noise(earlier, fresh, torch.Generator().manual_seed(9), correlation=0.0)[1], fresh)
+    # with the shipped share, each new frame is correlated with its source and not with the other earlier frames
+    _, out = rescheduled_noise(earlier, fresh, torch.Generator().manual_seed(9))
+    corr = torch.corrcoef(torch.stack([out[0, :, 0].flatten(), earlier[0, :, order[0]].flatten(), fresh[0, :, 0].flatten()]))
+    assert corr[0, 1] > 0.75 and 0.4 < corr[0, 2] < 0.8
+
+
+def test_freenoise_keeps_its_correlation_with_the_first_window_however_long():
+    # the shuffles are of unmixed frames: 40 windows on, each frame is still 0.8 one of the first window's frames
+    noise = torch.randn(1, 16, 125, 16, 16)
+    out = freenoise(noise, 5, 2, seed=1)
+    first = out[0, :, :5].transpose(0, 1).reshape(5, -1)
+    for frame in (7, 60, 124):
+        best = max(float(torch.corrcoef(torch.stack([out[0, :, frame].flatten(), f]))[0, 1]) for f in first)
+        assert best == pytest.approx(0.8, abs=0.05)
+
+
 def _linear_model(x, t, context):
     return x * context.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1) + t.view(-1, 1, 1, 1, 1)
 
@@ -131,7 +173,7 @@ def test_prompt_mix_is_guidance_on_the_mixed_positive_velocity():
     (17, 6, "context windows", r"overlap=6 is not allowed with chunk_frames=17: it must be 1 \+ 4\*m \(whole latent frames\).*nearest: 5, 9\)"),
     (17, 17, "context windows", r"overlap=17 is not allowed with chunk_frames=17: .*smaller than chunk_frames.*nearest: 13\)"),
     (17, 21, "latent chain", r"overlap=21 is not allowed with chunk_frames=17: .*nearest: 13\)"),
-    (17, 5, "windows", r"mode='windows' is not allowed; allowed values: \['latent chain', 'context windows', 'pixel chain'\]"),
+    (17, 5, "windows", r"mode='windows' is not allowed; allowed values: \['context windows', 'latent chain', 'pixel chain'\]"),
 ])
 def test_window_and_overlap_must_sit_on_the_latent_grid(chunk_frames, overlap, mode, match):
     with pytest.raises(ValueError, match=match):
@@ -145,7 +187,8 @@ def test_a_minutes_windows_and_latent_stay_small():
     plan = plan_long_video(VIDEO_RULES, 64, 64, 961, 17, 5, "context windows")
     assert plan.latent_frames == 241 and plan.runs == 1
     assert len(plan.windows) == 80 and {b - a for a, b in plan.windows} == {5}  # every DiT call sees one window
-    assert plan_long_video(VIDEO_RULES, 64, 64, 961, 17, 5).runs == 80
+    assert plan_long_video(VIDEO_RULES, 64, 64, 961, 17, 5).runs == 1  # the default mode: the windows
+    assert plan_long_video(VIDEO_RULES, 64, 64, 961, 17, 5, "latent chain").runs == 80
 
 
 class _FakeEncoder:
