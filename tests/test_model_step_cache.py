@@ -240,13 +240,13 @@ def test_auto_coefficients_follow_the_preset_and_a_model_without_any_gets_one_li
 
 
 def test_long_video_caches_each_chunk_as_its_own_run(tiny_model, tiny_vae, caplog):
-    """Each chunk is a sampling run: its own empty cache and its own summary line (the built-in model's set)."""
+    """Each chunk of a chain is a sampling run: its own empty cache and its own summary line (the built-in model's set)."""
     from comfyui_spacetime.jobs.long_video import generate_long_video, plan_long_video
     from comfyui_spacetime.jobs.prompt_schedule import single_prompt
 
     model = tiny_model.with_step_cache(StepCacheSettings("teacache", 0.3, start=0.1))
     assert model.step_cache.coefficients == "builtin-tiny"
-    plan = plan_long_video(tiny_vae.video_rules, 32, 32, 9, 5, 1)
+    plan = plan_long_video(tiny_vae.video_rules, 32, 32, 9, 5, 1, mode="latent chain")
     settings = SolverSettings(steps=8, cfg=3.0, shift=5.0)
     emb = torch.randn(1, 4, model.config.text_dim, generator=torch.Generator().manual_seed(0))
     text = SpacetimeConditioning(EncodedText(emb, torch.ones(1, 4, dtype=torch.bool), ("p",), (False,)), "test")
@@ -257,3 +257,8 @@ def test_long_video_caches_each_chunk_as_its_own_run(tiny_model, tiny_vae, caplo
     assert plan.chunks == 2 and len(summaries) == 2 and counts.total == 2 * settings.steps
     assert 0 < counts.computed < counts.total and summaries[0] == summaries[1]  # same schedule: same skips per chunk
     assert torch.equal(generate_long_video(model, *args), video) and model.dit.step_cache is None
+    windows = plan_long_video(tiny_vae.video_rules, 32, 32, 9, 5, 1)  # the default mode: one run over the whole latent
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        generate_long_video(model, tiny_vae, single_prompt(text), text, windows, 0, settings, 1.0, CPU, CPU)
+    assert windows.mode == "context windows" and len([r for r in caplog.records if "step cache" in r.getMessage()]) == 1
