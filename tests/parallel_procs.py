@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
+    # not the runtime's jobs.parallel.devices.free_port: spawned ranks import this module before the pack is loaded
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

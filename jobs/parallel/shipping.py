@@ -4,6 +4,7 @@ whatever structure holds them (tuples, lists, dicts, dataclasses such as a ``Pac
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +37,7 @@ class FlatTensors:
         """Views into the buffer, one per name (no copy)."""
         out = {}
         for name, dtype, shape, start in self.layout:
-            count = 1
-            for n in shape:
-                count *= n
-            size = count * torch.empty((), dtype=dtype).element_size()
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             out[name] = self.buffer[start:start + size].view(dtype).view(shape)
         return out
 
