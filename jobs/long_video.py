@@ -28,9 +28,12 @@ from typing import Callable
 import torch
 
 from ..model_defs.bundles import SpacetimeConditioning, SpacetimeModel, SpacetimeVAE
-from ..model_defs.flow_matching import NoiseStream, SolverSettings
+from ..model_defs.flow_matching import Guide, NoiseStream, SolverSettings
 from ..model_defs.known_frames import KnownLatents
-from ..model_defs.long_sampling import freenoise, prompt_mix_velocity, rescheduled_noise, window_spans, window_weights, windowed_velocity
+from ..model_defs.long_sampling import (
+    LOOK_ANCHOR, ChainGuide, LookAnchor, freenoise, prompt_mix_velocity, rescheduled_noise, window_spans, window_weights,
+    windowed_velocity,
+)
 from ..model_defs.sizes import SizeRules, describe_allowed
 from .prompt_schedule import EncodedSchedule
 from .text_to_video import ModuleUse, run_sampler
@@ -129,9 +132,12 @@ def generate_long_video(
     on_chunk: ChunkDone | None = None,
     on_step: StepDone | None = None,
     use: ModuleUse | None = None,
+    look_anchor: float = LOOK_ANCHOR,
 ) -> torch.Tensor:
     """IMAGE frames ``[plan.frames, height, width, 3]`` in ``plan.mode``: chunk ``i`` of a chain is sampled with seed
-    ``seed + i`` (mod 2**64), the windows with ``seed``. ``prompts``: the schedule (``single_prompt`` for one)."""
+    ``seed + i`` (mod 2**64), the windows with ``seed``. ``prompts``: the schedule (``single_prompt`` for one).
+    ``look_anchor``: how far each step holds every frame's look to its prompt's (``LookAnchor``; latent modes)."""
+    check_look_anchor(look_anchor)
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength={strength} is not allowed: it must be between 0 and 1")
     if model.image_channels:
@@ -144,12 +150,18 @@ def generate_long_video(
     if plan.mode == "pixel chain":
         return _pixel_chain(sampler, vae, plan, seed, strength, vae_device, on_chunk)
     if plan.mode == "latent chain":
-        latent = _latent_chain(sampler, vae, plan, seed, strength, on_chunk)
+        latent = _latent_chain(sampler, vae, plan, seed, strength, look_anchor, on_chunk)
     else:
-        latent = _context_windows(sampler, vae, plan, seed)
+        latent = _context_windows(sampler, vae, plan, seed, look_anchor)
         if on_chunk is not None:
             on_chunk(1, 1)
     return decode_frames(vae, latent[:, :, :plan.latent_frames], vae_device)[:plan.frames]
+
+
+def check_look_anchor(look_anchor: float) -> None:
+    if isinstance(look_anchor, bool) or not isinstance(look_anchor, (int, float)) or not 0.0 <= look_anchor <= 1.0:
+        raise ValueError(f"look_anchor={look_anchor!r} is not allowed: it must be between 0 (off) and 1 "
+                         f"(default {LOOK_ANCHOR})")
 
 
 class _Sampler:
@@ -168,44 +180,56 @@ class _Sampler:
         """Prompt weights ``[prompts, count]`` of latent frames ``first_latent ..`` (``PromptSchedule.latent_weights``)."""
         return self.prompts.schedule.latent_weights(first_latent, count, self.temporal_factor, pixel_offset).float()
 
-    def velocity_of(self, weights: torch.Tensor):
-        """``velocity_of(dit, cfg)`` of a latent whose frames take the prompt ``weights`` ``[prompts, F]``."""
-        return lambda dit, cfg: prompt_mix_velocity(dit, self.contexts, weights.to(self.device), self.negative_context, cfg)
+    def velocity_of(self, weights: torch.Tensor, wrap: Callable | None = None):
+        """``velocity_of(dit, cfg)`` of a latent whose frames take the prompt ``weights`` ``[prompts, F]``, passed
+        through ``wrap`` when given."""
+        wrap = wrap or (lambda velocity: velocity)
+        return lambda dit, cfg: wrap(prompt_mix_velocity(dit, self.contexts, weights.to(self.device), self.negative_context, cfg))
 
     def sample(self, shape: tuple[int, ...], seed: int, velocity_of, known: KnownLatents | None = None,
-               noise: torch.Tensor | None = None) -> torch.Tensor:
+               noise: torch.Tensor | None = None, guide: Guide | None = None) -> torch.Tensor:
         """Raw latents ``shape`` ``[1,C,F,h,w]`` from the noise of ``seed`` (or the given initial ``noise``; an "lcm"
-        step's fresh noise is still the seed's), holding ``known`` frames; as ``generate`` does for text to video (the
-        same noise, start and guide), with the given velocities."""
+        step's fresh noise is still the seed's), holding ``known`` frames (or with the given ``guide``); as
+        ``generate`` does for text to video (the same noise, start and guide), with the given velocities."""
         self.model.check_latent(shape)
         normalize = self.model.latent_format.normalize
         x0_start = normalize(torch.zeros(shape)).to(self.device)
         noise_stream = NoiseStream(shape, seed)  # the initial noise, then an "lcm" step's fresh noise per call
         drawn = noise_stream()
         noise = (drawn if noise is None else noise).to(self.device)
-        guide = None if known is None else known.guide(normalize, noise, self.model.holds_known_frames_clean)
+        if known is not None:
+            guide = known.guide(normalize, noise, self.model.holds_known_frames_clean)
         return run_sampler(self.model, velocity_of, x0_start, noise, self.settings, self.on_step, guide, self.use,
                            renoise=lambda: noise_stream().to(self.device))
 
 
 def _latent_chain(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, seed: int, strength: float,
-                  on_chunk: ChunkDone | None) -> torch.Tensor:
+                  look_anchor: float, on_chunk: ChunkDone | None) -> torch.Tensor:
     """The raw latent ``[1,C,F,h,w]`` of the chain (``F >= plan.latent_frames``: the last chunk is whole). Chunk
     ``i`` starts from the noise of its seed, its known frames' noise replaced by the previous chunk's noise there
-    (they are re-noised as that chunk saw them on their way) and its new frames' noise correlated with the first
-    chunk's (``rescheduled_noise``, the shuffle seeded by the chunk's seed)."""
+    and its new frames' noise correlated with the first chunk's (``rescheduled_noise``, the shuffle seeded by the
+    chunk's seed). Its known frames replay the previous chunk's path there (``ChainGuide``); on a model that holds
+    known frames clean (Wan 2.2 TI2V-5B, as trained) they are held clean instead (``KnownLatents``). Every chunk's
+    look is held to its prompt's (``LookAnchor``)."""
     size, kept = plan.chunk_latents, plan.overlap_latents
     step = size - kept
     shape = (1, vae.latent_channels, size, plan.height // vae.spatial_factor, plan.width // vae.spatial_factor)
-    latent = torch.zeros(1, shape[1], size + (plan.chunks - 1) * step, *shape[3:])
+    total = size + (plan.chunks - 1) * step
+    latent = torch.zeros(1, shape[1], total, *shape[3:])
+    spans = [(index * step, index * step + size) for index in range(plan.chunks)]
+    anchor = LookAnchor(look_anchor, spans, sampler.weights(0, total))
     noise = shuffled = None  # the chunk before's initial noise and its unmixed shuffles, [1,C,size,h,w]
+    guide = None
     for index in range(plan.chunks):
         start = index * step
         known = None
-        if index > 0:
-            known = KnownLatents(latent[:, :, start: start + kept].clone(), tuple(range(kept)), (strength,) * kept,
-                                 tuple(shape[1:]), (plan.chunk_frames, plan.height, plan.width))
-        velocity_of = sampler.velocity_of(sampler.weights(start, size))
+        if sampler.model.holds_known_frames_clean:
+            if index > 0:
+                known = KnownLatents(latent[:, :, start: start + kept].clone(), tuple(range(kept)), (strength,) * kept,
+                                     tuple(shape[1:]), (plan.chunk_frames, plan.height, plan.width))
+        else:
+            guide = ChainGuide(kept, None if index == 0 else guide.recorded, strength)
+        velocity_of = sampler.velocity_of(sampler.weights(start, size), anchor.chunk(index, start))
         chunk_seed = (seed + index) % 2**64
         drawn = NoiseStream(shape, chunk_seed)()  # the chunk's own noise, as the sampler draws it
         if noise is None:
@@ -215,7 +239,7 @@ def _latent_chain(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, see
             new_shuffled, new = rescheduled_noise(shuffled[:, :, :step], drawn[:, :, kept:], generator)
             shuffled = torch.cat([shuffled[:, :, step:], new_shuffled], dim=2)
             noise = torch.cat([noise[:, :, step:], new], dim=2)
-        sampled = sampler.sample(shape, chunk_seed, velocity_of, known, noise)
+        sampled = sampler.sample(shape, chunk_seed, velocity_of, known, noise, guide)
         new_from = 0 if index == 0 else kept  # the known frames stay the previous chunk's own latents, bit for bit
         latent[:, :, start + new_from: start + size] = sampled[:, :, new_from:]
         if on_chunk is not None:
@@ -223,16 +247,18 @@ def _latent_chain(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, see
     return latent
 
 
-def _context_windows(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, seed: int) -> torch.Tensor:
+def _context_windows(sampler: _Sampler, vae: SpacetimeVAE, plan: LongVideoPlan, seed: int, look_anchor: float) -> torch.Tensor:
     """The raw latent ``[1,C,plan.latent_frames,h,w]``, all windows denoised together at every step from
-    FreeNoise-rescheduled noise (``freenoise``: the windows start from correlated noise and agree on the look)."""
+    FreeNoise-rescheduled noise (``freenoise``: the windows start from correlated noise and agree on the look),
+    every window's look held to its prompt's (``LookAnchor``)."""
     spans = plan.windows
     blend = window_weights(spans, plan.latent_frames)
     shape = (1, vae.latent_channels, plan.latent_frames, plan.height // vae.spatial_factor, plan.width // vae.spatial_factor)
     per_window = [sampler.weights(start, stop - start) for start, stop in spans]
+    anchor = LookAnchor(look_anchor, spans, sampler.weights(0, plan.latent_frames))
 
     def velocity_of(dit, cfg):
-        return windowed_velocity(lambda i: sampler.velocity_of(per_window[i])(dit, cfg), spans, blend)
+        return anchor.windows(windowed_velocity(lambda i: sampler.velocity_of(per_window[i])(dit, cfg), spans, blend))
 
     noise = freenoise(NoiseStream(shape, seed)(), plan.chunk_latents, plan.overlap_latents, seed)
     return sampler.sample(shape, seed, velocity_of, noise=noise)

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .flow_matching import VelocityFn, guided_velocity
+from .flow_matching import NUM_TRAIN_TIMESTEPS, VelocityFn, guided_velocity
 
 # model_fn(x [B,C,F,h,w], timesteps [B] or [B,F], context [B,L,D]) -> velocity like x
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -134,3 +134,157 @@ def prompt_mix_velocity(model_fn: ModelFn, contexts: list[torch.Tensor], weights
         return v_pos if cfg == 1.0 else out[-1] + cfg * (v_pos - out[-1])
 
     return velocity
+
+
+class ChainGuide:
+    """The guide (``flow_matching.Guide``) of one chunk of a latent chain whose first ``kept`` latent frames are the
+    chunk before's last ``kept``: every model evaluation sees them as that chunk saw them at the same evaluation (its
+    model inputs there, recorded in order) and the solver takes that chunk's velocities there. The new frames are thus
+    denoised beside the shared frames' own path from noise to their final latents, step by step (as a context window
+    beside its neighbour), not beside a straight path to the final latents re-noised to each level (the mask path of
+    ``known_frames``, which this model family follows loosely: measured in BENCHMARKS.md, "Long-video drift").
+    ``strength`` below 1 lerps the replayed values with the chunk's own; 0 replays nothing. The chunk's last ``kept``
+    frames are recorded in ``recorded`` for the next chunk; ``replay`` None: the first chunk."""
+
+    def __init__(self, kept: int, replay: list[tuple[torch.Tensor, torch.Tensor]] | None = None, strength: float = 1.0):
+        self.kept, self.replay, self.strength = kept, replay, strength
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor]] = []  # per evaluation: (model input, velocity) [B,C,kept,h,w]
+        self._inputs: torch.Tensor | None = None
+
+    def _replayed(self, value: torch.Tensor, which: int) -> torch.Tensor:
+        if self.replay is None or self.strength == 0.0:
+            return value
+        index = len(self.recorded)
+        if index >= len(self.replay):
+            raise RuntimeError(f"latent chain: model evaluation {index + 1} of a chunk has no counterpart in the chunk "
+                               f"before, which made {len(self.replay)}; every chunk must be sampled with the same settings")
+        value = value.clone()
+        head = value[:, :, : self.kept]
+        value[:, :, : self.kept] = torch.lerp(head, self.replay[index][which].to(head), self.strength)
+        return value
+
+    def model_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        x = self._replayed(x, 0)
+        self._inputs = x[:, :, -self.kept:].clone()
+        return x
+
+    def timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def velocity(self, velocity: torch.Tensor) -> torch.Tensor:
+        velocity = self._replayed(velocity, 1)
+        self.recorded.append((self._inputs, velocity[:, :, -self.kept:].clone()))
+        return velocity
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # the shared frames are kept as the chunk before made them (``long_video._latent_chain``)
+
+
+# How far each step moves a frame's look towards its prompt's (``LookAnchor``). Measured on the built-in model at the
+# minute (BENCHMARKS.md, "Long-video drift", windows, seed 0): 0 lets about five stretches wash pink (max drift 0.26),
+# 0.5 keeps every chunk's background (max drift 0.029); 1.0 does no better (0.027) and pins the look harder.
+LOOK_ANCHOR = 0.5
+
+
+def look_of(x0: torch.Tensor) -> torch.Tensor:
+    """A latent's look ``[B,C,F]``: the per-channel median of each frame of ``x0`` ``[B,C,F,h,w]`` over its positions,
+    the latent colour of its background wherever the subject covers less than half of the frame."""
+    return x0.flatten(3).median(dim=-1).values
+
+
+def anchor_spans(spans: list[tuple[int, int]], weights: torch.Tensor) -> list[int]:
+    """For each prompt (``weights`` ``[prompts, F]``, the schedule's per latent frame), the index of the span (window
+    or chunk) whose look anchors it: the first that carries the most of that prompt."""
+    carried = torch.stack([weights[:, start:stop].sum(dim=1) for start, stop in spans], dim=1)  # [prompts, spans]
+    return [int(row.argmax()) for row in carried]  # argmax: the first of equal maxima
+
+
+class LookAnchor:
+    """Keeps a long video's look: at every model evaluation, the data prediction ``x - sigma * v`` of each latent
+    frame has its per-channel medians (``look_of``: its background's latent colour) moved by ``strength`` towards
+    the look of its prompt, which is the look of that prompt's anchor span (``anchor_spans``: the first window or chunk
+    that carries the most of it), mixed by the frame's prompt weights. Windows take the anchor span's look of the
+    same evaluation; a chain records it while it samples the anchor chunk, evaluation by evaluation, for the chunks
+    after (a chunk's frames whose prompt has no record yet are left free). Where the prompt changes, so does the look
+    held. Independent windows or chunks otherwise each draw their own background now and then (a wash of another
+    colour for a few chunks); this is a guidance on the statistics of the estimate, not on the noise, so the motion
+    stays free."""
+
+    def __init__(self, strength: float, spans: list[tuple[int, int]], weights: torch.Tensor):
+        self.strength, self.spans = strength, spans
+        self.weights = weights.double()  # [prompts, F] over the whole latent
+        self.anchors = anchor_spans(spans, self.weights)
+        self.moving = self.weights.clone()  # the weights that move frames: 0 in each prompt's own anchor span
+        for prompt, anchor in enumerate(self.anchors):
+            self.moving[prompt, slice(*spans[anchor])] = 0.0
+        self.active = strength > 0.0 and len(spans) > 1  # one span: nothing to hold it to (exactly the plain sampler)
+        self.recorded: dict[int, list[torch.Tensor]] = {}  # chain: prompt -> its anchor chunk's look per evaluation [B,C]
+
+    def _prompt_look(self, look: torch.Tensor, prompt: int, start: int) -> torch.Tensor:
+        """``[B,C]``: the median over the frames of ``prompt``'s anchor span that it rules (weight >= 1/2) of ``look``
+        ``[B,C,F']`` (frames from ``start``)."""
+        a, b = self.spans[self.anchors[prompt]]
+        ruled = [f for f in range(a, b) if self.weights[prompt, f] >= 0.5] or list(range(a, b))
+        return look[:, :, [f - start for f in ruled]].median(dim=-1).values
+
+    def windows(self, velocity_fn: VelocityFn) -> VelocityFn:
+        """The anchored velocity of the whole latent (context windows)."""
+        if not self.active:
+            return velocity_fn
+
+        def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            v, sigma = velocity_fn(x, timesteps), _sigma(timesteps)
+            if sigma == 0.0:
+                return v
+            look = look_of(x - sigma * v)
+            targets = {p: self._prompt_look(look, p, 0) for p in range(len(self.anchors))}
+            return self._moved(v, sigma, look, targets, 0)
+
+        return velocity
+
+    def chunk(self, index: int, start: int) -> Callable[[VelocityFn], VelocityFn]:
+        """``wrap(velocity_fn)`` for chunk ``index`` of a chain, whose latent frames start at ``start``: anchored to
+        the records of earlier anchor chunks; records the looks of the prompts this chunk anchors."""
+        stop = self.spans[index][1]
+        records = {p: self.recorded.setdefault(p, []) for p, anchor in enumerate(self.anchors) if anchor == index}
+        known = {p: looks for p, looks in self.recorded.items() if p not in records}
+        evaluation = [0]  # over the chunk's evaluations, whichever expert makes them
+
+        def wrap(velocity_fn: VelocityFn) -> VelocityFn:
+            if not self.active:
+                return velocity_fn
+
+            def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+                v, sigma = velocity_fn(x, timesteps), _sigma(timesteps)
+                step, evaluation[0] = evaluation[0], evaluation[0] + 1
+                if sigma == 0.0:
+                    return v
+                look = look_of(x - sigma * v)
+                for prompt, looks in records.items():
+                    looks.append(self._prompt_look(look, prompt, start))
+                targets = {p: looks[step] for p, looks in known.items() if step < len(looks)}
+                return self._moved(v, sigma, look, targets, start, stop)
+
+            return velocity
+
+        return wrap
+
+    def _moved(self, v: torch.Tensor, sigma: float, look: torch.Tensor, targets: dict[int, torch.Tensor], start: int,
+               stop: int | None = None) -> torch.Tensor:
+        """``v`` with each frame's look moved towards the mix of ``targets`` (prompt -> look ``[B,C]``) by its
+        prompts' weights; frames whose prompts have no target, or lie in their prompt's anchor span, move less or not
+        at all."""
+        if not targets:
+            return v
+        weights = self.moving[list(targets), start:stop].to(v)  # [k, F']
+        held = weights.sum(dim=0)  # [F']: the share of each frame's prompts that have a look to keep
+        stacked = torch.stack([targets[p] for p in targets]).to(v)  # [k,B,C]
+        target = torch.einsum("kf,kbc->bcf", weights, stacked) / held.clamp_min(1e-12)
+        shift = self.strength * held * (target - look)  # [B,C,F']
+        return v - shift[..., None, None] / sigma
+
+
+def _sigma(timesteps: torch.Tensor) -> float:
+    """The solver's noise level of a model evaluation at ``timesteps`` ``[B]`` (or ``[B,F]``, 0 at frames held
+    clean)."""
+    return float(timesteps.max()) / NUM_TRAIN_TIMESTEPS

@@ -3,6 +3,7 @@ told by one prompt or a prompt schedule."""
 from __future__ import annotations
 
 from ..jobs.long_video import MODES, generate_long_video, plan_long_video
+from ..model_defs.long_sampling import LOOK_ANCHOR
 from ..jobs.prompt_schedule import EncodedSchedule, parse_schedule, single_prompt
 from ..jobs.text_to_video import encode_prompts, step_preview
 from ..model_defs.bundles import any_vae_rules
@@ -65,8 +66,9 @@ class SpacetimeLongVideo:
         "Generates a video of any length from chunks of chunk_frames that share `overlap` frames. mode: 'context "
         "windows' (default) denoises overlapping windows together at every step from correlated (FreeNoise) noise: one "
         "look for the whole video, joins that do not show, calmer motion; 'latent chain' continues each chunk from the "
-        "last one's latents and decodes once at the end (more motion per chunk, for stories whose segments must each "
-        "move; on models that follow known frames loosely the look can change at the first joins); 'pixel chain' "
+        "last one's path through the sampler (its shared frames replayed step by step) and decodes once at the end (more "
+        "motion per chunk, for stories whose segments must each move); look_anchor holds each chunk's or window's "
+        "background colour to the one its prompt first had (0: off); 'pixel chain' "
         "re-encodes each chunk's decoded tail (the old way, kept as a baseline). Memory is that of one chunk whatever "
         "the length; only the output frames grow. frames may be any count (961 = 1 minute at 16 fps). Connect a "
         "Spacetime Prompt Schedule to tell a story; `positive` is used where none is connected."
@@ -95,6 +97,12 @@ class SpacetimeLongVideo:
             },
             "optional": {
                 "schedule": (PROMPT_SCHEDULE, {"tooltip": "Prompts with start times (Spacetime Prompt Schedule); replaces `positive`."}),
+                "look_anchor": ("FLOAT", {
+                    "default": LOOK_ANCHOR, "min": 0.0, "max": 1.0, "step": 0.05,
+                    "tooltip": "How firmly every chunk or window keeps the look (background colour) its prompt had where it "
+                               "first ran, at each step (latent modes): 0 lets it wander, 1 holds it hard. A new prompt in a "
+                               "schedule gets its own look.",
+                }),
             },
         }
 
@@ -103,7 +111,7 @@ class SpacetimeLongVideo:
         return validate_inputs(cls, values, _plan_rule, solver_rule)
 
     def generate(self, model, vae, positive, negative, width, height, frames, chunk_frames, overlap, seed, steps, cfg,
-                 shift, scheduler, strength, mode=MODES[0], schedule=None):
+                 shift, scheduler, strength, mode=MODES[0], schedule=None, look_anchor=LOOK_ANCHOR):
         settings = solver_settings(steps, cfg, shift, scheduler)
         plan = plan_long_video(vae.video_rules, width, height, frames, chunk_frames, overlap, mode)
         prompts = single_prompt(positive) if schedule is None else schedule
@@ -119,5 +127,6 @@ class SpacetimeLongVideo:
             video = generate_long_video(
                 model, vae, prompts, negative, plan, seed, settings, strength, slot.device, vae_device,
                 on_chunk=on_chunk, on_step=lambda done, _total, x0: progress.update(finished + done, step_preview(model, x0)), use=slot.use,
+                look_anchor=look_anchor,
             )
         return (video,)

@@ -52,9 +52,9 @@ def _spy_sampling(monkeypatch):
     runs, dit_frames = [], []
     real_sample, real_mix = long_video._Sampler.sample, long_video.prompt_mix_velocity
 
-    def spy_sample(self, shape, seed, velocity_of, known=None, noise=None):
-        out = real_sample(self, shape, seed, velocity_of, known, noise)
-        runs.append((tuple(shape), seed, None if known is None else known.latents.clone(), out.clone(), noise))
+    def spy_sample(self, shape, seed, velocity_of, known=None, noise=None, guide=None):
+        out = real_sample(self, shape, seed, velocity_of, known, noise, guide)
+        runs.append((tuple(shape), seed, None if known is None else known.latents.clone(), out.clone(), noise, guide))
         return out
 
     def spy_mix(model_fn, *args):
@@ -85,7 +85,7 @@ def test_pixel_chain_continues_the_decoded_video_at_one_chunks_size(monkeypatch,
                                              "pixel chain")
 
     assert video.shape == (37, 64, 64, 3) and torch.isfinite(video).all() and video.std() > 0.01
-    assert [(shape, s, known is not None) for shape, s, known, _, _ in runs] == [
+    assert [(shape, s, known is not None) for shape, s, known, *_ in runs] == [
         ((1, 16, 5, 8, 8), 2**64 - 2, False), ((1, 16, 5, 8, 8), 2**64 - 1, True), ((1, 16, 5, 8, 8), 0, True)]
     assert set(dit_frames) == {5}  # memory of one chunk: no DiT call sees more
     # each extension continues the last 5 frames of the video as generated so far (12 new frames per chunk)
@@ -113,14 +113,15 @@ def test_latent_chain_holds_the_previous_chunks_latents_and_decodes_once(monkeyp
     # 34 frames: 10 latent frames (37 frames decoded, cut); 3 chunks of 5 latent frames adding 3 each (11: the last
     # chunk is sampled whole, its extra latent frame is not decoded)
     assert video.shape == (34, 64, 64, 3) and torch.isfinite(video).all() and video.std() > 0.01
-    assert [(shape, s) for shape, s, _, _, _ in runs] == [((1, 16, 5, 8, 8), 7), ((1, 16, 5, 8, 8), 8), ((1, 16, 5, 8, 8), 9)]
+    assert [(shape, s) for shape, s, *_ in runs] == [((1, 16, 5, 8, 8), 7), ((1, 16, 5, 8, 8), 8), ((1, 16, 5, 8, 8), 9)]
     assert set(dit_frames) == {5}
     assert decoded == [(1, 16, 10, 8, 8)]  # once, the whole latent
-    for (_, _, _, before, _), (_, _, known, after, _) in zip(runs, runs[1:]):
-        # the known latent frames are the previous chunk's last two, and the chunk keeps them (to the latent
+    for (_, _, _, before, _, guide_before), (_, _, known, after, _, guide) in zip(runs, runs[1:]):
+        # the shared latent frames replay the previous chunk's last two at every model evaluation (its inputs and
+        # velocities there, UniPC: one evaluation per step), and so end where that chunk ended them (to the latent
         # format's normalize/denormalize round trip; the video keeps the previous chunk's own)
-        torch.testing.assert_close(known, before[:, :, 3:], rtol=0, atol=0)
-        torch.testing.assert_close(after[:, :, :2], before[:, :, 3:], rtol=0, atol=1e-6)
+        assert known is None and guide.replay is guide_before.recorded and len(guide.replay) == steps
+        torch.testing.assert_close(after[:, :, :2], before[:, :, 3:], rtol=0, atol=1e-5)
     # the causal decode of the whole latent begins exactly as the first chunk decoded alone, which is plain text to video
     latent = empty_latent(vae, 64, 64, 17, 1)
     first = generate(model, positive, negative, latent, seed, SolverSettings(steps, 3.0, 3.0, "unipc"), CPU)
@@ -136,7 +137,7 @@ def test_chain_and_windows_start_from_correlated_noise(monkeypatch, tiny_model, 
     SpacetimeLongVideo().generate(tiny_model, tiny_vae, _text(0), _text(1), 64, 64, 34, 17, 5, 7, 1, 3.0, 3.0, "unipc", 1.0,
                                   "latent chain")
     shape = (1, 16, 5, 8, 8)
-    noises = [noise for *_, noise in runs]
+    noises = [noise for *_, noise, _ in runs]
     torch.testing.assert_close(noises[0], NoiseStream(shape, 7)(), rtol=0, atol=0)  # the first chunk: text to video
     shuffled = noises[0]
     for before, noise, seed in zip(noises, noises[1:], (8, 9)):
@@ -149,7 +150,7 @@ def test_chain_and_windows_start_from_correlated_noise(monkeypatch, tiny_model, 
     runs.clear()
     SpacetimeLongVideo().generate(tiny_model, tiny_vae, _text(0), _text(1), 64, 64, 45, 17, 5, 3, 1, 3.0, 3.0, "unipc", 1.0,
                                   "context windows")
-    (noise,) = [noise for *_, noise in runs]
+    (noise,) = [noise for *_, noise, _ in runs]
     torch.testing.assert_close(noise, freenoise(NoiseStream((1, 16, 12, 8, 8), 3)(), 5, 2, 3), rtol=0, atol=0)
 
 
@@ -169,7 +170,7 @@ def test_context_windows_denoise_every_window_at_every_step(monkeypatch, tiny_mo
     (video,) = SpacetimeLongVideo().generate(model, vae, _text(0), _text(1), 64, 64, 45, 17, 5, 3, 2, 3.0, 3.0, "unipc", 1.0,
                                              "context windows")
     assert video.shape == (45, 64, 64, 3) and torch.isfinite(video).all()
-    assert [(shape, s) for shape, s, _, _, _ in runs] == [((1, 16, 12, 8, 8), 3)]  # one run over the whole latent, one seed
+    assert [(shape, s) for shape, s, *_ in runs] == [((1, 16, 12, 8, 8), 3)]  # one run over the whole latent, one seed
     # windows (0,5), (3,8), (6,11), (7,12): four DiT calls per step, each of one window
     assert dit_frames == [5] * 4 * 2
 

@@ -29,7 +29,7 @@ def _asked_motion(prompt: str) -> str:
 def test_the_story_workflow_shows_each_segments_motion(tiny_model, tiny_vae):
     workflow = json.loads(WORKFLOW.read_text())
     text, fps, transition = _node(workflow, "SpacetimePromptSchedule")["widgets_values"]
-    width, height, frames, chunk_frames, overlap, seed, _control, steps, cfg, shift, scheduler, strength, mode = \
+    width, height, frames, chunk_frames, overlap, seed, _control, steps, cfg, shift, scheduler, strength, mode, look_anchor = \
         _node(workflow, "SpacetimeLongVideo")["widgets_values"]
     schedule = parse_schedule(text, fps, transition)
     assert len(schedule.segments) == 4 and mode == "latent chain"
@@ -38,7 +38,7 @@ def test_the_story_workflow_shows_each_segments_motion(tiny_model, tiny_vae):
     (prompts,) = SpacetimePromptSchedule().encode(encoder, text, fps, transition)
     negative = encode_prompts(encoder, [""])[0]
     (video,) = SpacetimeLongVideo().generate(tiny_model, tiny_vae, negative, negative, width, height, frames, chunk_frames,
-                                             overlap, seed, steps, cfg, shift, scheduler, strength, mode, prompts)
+                                             overlap, seed, steps, cfg, shift, scheduler, strength, mode, prompts, look_anchor)
     assert video.shape == (frames, height, width, 3) and torch.isfinite(video).all()
 
     ends = [s.start for s in schedule.segments[1:]] + [frames]
